@@ -1,0 +1,180 @@
+"""The message contract: what an upstream may publish, and what gets stored.
+
+One place decides whether a raw pub/sub payload is acceptable and turns it into
+the stored value; every service imports it from here.  ``MessageRules.parse`` is on
+the updater's per-message hot path, so it avoids work where it safely can: one
+C-level JSON parse (orjson), a depth walk only when the payload could be deep, and
+a cached timestamp parse.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, NamedTuple
+
+import orjson
+
+from kv_updater.instant import InvalidInstant, instant_key
+from kv_updater.keys import KeyLayout
+
+MAX_DEPTH = 64
+DEFAULT_TYPE_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+
+
+class Severity(Enum):
+    """How a rejection is logged: the seed's WARNING for malformed, ERROR for undecodable."""
+
+    MALFORMED = "malformed"
+    UNDECODABLE = "undecodable"
+
+
+# Reasons are Prometheus label values: a small fixed set, never free text.
+REASONS: dict[str, Severity] = {
+    "too_large": Severity.MALFORMED,
+    "invalid_utf8": Severity.UNDECODABLE,
+    "invalid_json": Severity.UNDECODABLE,
+    "too_deep": Severity.MALFORMED,
+    "not_object": Severity.MALFORMED,
+    "bad_type": Severity.MALFORMED,
+    "reserved_type": Severity.MALFORMED,
+    "bad_updated": Severity.MALFORMED,
+    "bad_valid": Severity.MALFORMED,
+    "bad_values": Severity.MALFORMED,
+}
+
+
+class Accepted(NamedTuple):
+    """A message that passed every rule (a NamedTuple: cheap to build per message)."""
+
+    type: str
+    instant: str
+    """Sortable instant key of ``updated`` (see kv_updater.instant)."""
+    stored: bytes
+    """The stored value: compact JSON of exactly updated, valid, values."""
+    type_json: bytes
+    """``type`` as a JSON string, spliced into commit notifications."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str
+    detail: str
+
+    @property
+    def severity(self) -> Severity:
+        return REASONS[self.reason]
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """True if ``doc`` nests containers deeper than ``limit`` levels (the top is level 1)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
+
+
+def render_event(type_json: bytes, stored: bytes, seq: int) -> bytes:
+    """The commit notification / SSE data / REST body for one stored value.
+
+    ``{"type":...,"updated":...,"valid":...,"values":{...},"seq":N}``, built by
+    splicing the stored JSON instead of re-encoding it.  The commit script does
+    the same splice in Lua (kv_updater/commit.lua); tests hold the two equal.
+    """
+    return b'{"type":' + type_json + b"," + stored[1:-1] + b',"seq":' + str(seq).encode() + b"}"
+
+
+class MessageRules:
+    """Validation settings for messages, compiled once."""
+
+    __slots__ = ("_reserved_keys", "_type_json", "_type_match", "layout", "max_bytes")
+
+    # Accepted types and their JSON spelling: real feeds reuse a bounded set of
+    # types, so the pattern, the namespace check and the encoding run once per type.
+    _TYPE_CACHE_MAX = 100_000
+
+    def __init__(
+        self,
+        layout: KeyLayout | None = None,
+        *,
+        max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        type_pattern: str = DEFAULT_TYPE_PATTERN,
+        reserved_keys: frozenset[str] = frozenset(),
+    ) -> None:
+        self.layout = layout or KeyLayout()
+        self.max_bytes = max_bytes
+        # fullmatch: with .match, "$" would also accept a trailing newline.
+        self._type_match = re.compile(type_pattern).fullmatch
+        self._reserved_keys = reserved_keys
+        self._type_json: dict[str, bytes] = {}
+
+    def type_allowed(self, type_: str) -> bool:
+        """The API's check before touching Redis: pattern and namespace."""
+        return self._check_type(type_) is None
+
+    def parse(self, raw: bytes) -> Accepted | Rejected:
+        if len(raw) > self.max_bytes:
+            return Rejected("too_large", f"{len(raw)} bytes, over the {self.max_bytes} limit")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return Rejected("invalid_utf8", f"not UTF-8 at byte {bad.start}")
+            return Rejected("invalid_json", str(exc)[:200])
+        # Counting brackets is cheap; the walk only runs when they could nest too deep.
+        if (raw.count(b"{") + raw.count(b"[") > MAX_DEPTH) and _depth_exceeds(doc, MAX_DEPTH):
+            return Rejected("too_deep", f"nested deeper than {MAX_DEPTH} levels")
+        if type(doc) is not dict:
+            return Rejected("not_object", f"top level is {type(doc).__name__}, not an object")
+        type_ = doc.get("type")
+        type_json = self._type_json.get(type_) if type(type_) is str else None
+        if type_json is None:
+            rejected = self._check_type(type_)
+            if rejected is not None:
+                return rejected
+            assert isinstance(type_, str)
+            if len(self._type_json) >= self._TYPE_CACHE_MAX:
+                self._type_json.clear()
+            type_json = self._type_json[type_] = orjson.dumps(type_)
+        updated = doc.get("updated")
+        if type(updated) is not str:
+            return Rejected("bad_updated", f"updated {_show(updated)} is not a date-time string")
+        try:
+            instant = instant_key(updated)
+        except InvalidInstant as exc:
+            return Rejected("bad_updated", f"updated: {exc}")
+        valid = doc.get("valid")
+        if valid is not None:
+            if type(valid) is not str:
+                return Rejected("bad_valid", f"valid {_show(valid)} is not a date-time string")
+            try:
+                instant_key(valid)
+            except InvalidInstant as exc:
+                return Rejected("bad_valid", f"valid: {exc}")
+        values = doc.get("values")
+        if type(values) is not dict:
+            return Rejected("bad_values", f"values {_show(values)} is not an object")
+        stored = orjson.dumps({"updated": updated, "valid": valid, "values": values})
+        return Accepted(type_, instant, stored, type_json)
+
+    def _check_type(self, type_: object) -> Rejected | None:
+        if type(type_) is not str or self._type_match(type_) is None:
+            return Rejected("bad_type", f"type {_show(type_)} does not match the type pattern")
+        if self.layout.is_reserved(type_) or type_ in self._reserved_keys:
+            return Rejected("reserved_type", f"type {type_!r} is in the reserved namespace")
+        return None
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
