@@ -1,0 +1,48 @@
+"""``python -m kv_updater`` / ``kv-updater``: run the updater until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from kv_updater.logs import setup_logging
+from kv_updater.service import KVUpdater
+from kv_updater.settings import UpdaterSettings, load_or_exit
+
+PROG = "kv-updater"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed: the updater's hot loop is I/O callbacks and small tasks."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()  # type: ignore[no-any-return]
+
+
+async def _serve(updater: KVUpdater) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, updater.stop)
+    await updater.run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = load_or_exit(
+        UpdaterSettings,
+        argv,
+        PROG,
+        "Subscribe to the update channel and commit every valid message to the Redis KV.",
+    )
+    setup_logging(settings.log_level, settings.log_format)
+    updater = KVUpdater(settings=settings)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_serve(updater))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""KVUpdater: the seed's service (``__init__``, ``persist_data``, ``run``), grown up.
+
+The loop: take every message the subscription has in hand (up to ``batch_max``),
+validate them, and commit them as one atomic step while the next batch is being
+parsed.  Under light load a batch is a single message and latency is one round
+trip; under a burst batches grow by themselves and throughput follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from kv_updater.backoff import Backoff, Outage
+from kv_updater.commit import SUPERSEDED, UNCHANGED, BatchOutcome, Committer
+from kv_updater.logs import RateLimitedLog
+from kv_updater.message import Accepted, MessageRules, Rejected, Severity
+from kv_updater.metrics import HealthServer, UpdaterMetrics
+from kv_updater.settings import UpdaterSettings
+from kv_updater.subscriber import Subscription, SubscriptionLost
+
+log = logging.getLogger("kv_updater")
+
+SUMMARY_INTERVAL = 5.0
+SHUTDOWN_GRACE = 5.0
+_CONNECTION_ERRORS = (OSError, RedisError, SubscriptionLost, asyncio.TimeoutError)
+
+
+def _url_of(client: aioredis.Redis) -> str:
+    """A redis URL for the subscription's own connection, from a client's settings."""
+    kw = client.connection_pool.connection_kwargs
+    auth = ""
+    if kw.get("password"):
+        user = quote(str(kw.get("username") or ""), safe="")
+        auth = f"{user}:{quote(str(kw['password']), safe='')}@"
+    if kw.get("path"):
+        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
+    return f"redis://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+class KVUpdater:
+    """Subscribes to the update channel and commits every valid message to the KV."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis | None = None,
+        channel: str | None = None,
+        validate: bool | None = None,
+        *,
+        settings: UpdaterSettings | None = None,
+    ) -> None:
+        overrides: dict[str, Any] = {}
+        if channel is not None:
+            overrides["channel"] = channel
+        if validate is not None:
+            overrides["validate"] = validate
+        if client is not None and settings is None:
+            overrides["redis_url"] = _url_of(client)
+        base = settings or UpdaterSettings()
+        self.settings = base.model_validate({**base.model_dump(by_alias=True), **overrides})
+        s = self.settings
+        self.client = client or aioredis.Redis.from_url(
+            s.redis_url, socket_timeout=10, socket_connect_timeout=5, client_name="kv-updater"
+        )
+        self.channel = s.channel
+        self.validate = s.validate_writes
+        self.rules: MessageRules = s.message_rules()
+        self.committer = Committer(
+            self.client,
+            s.layout,
+            s.stored_channel,
+            validate=s.validate_writes,
+            dead_letter=s.dead_letter,
+            dead_letter_maxlen=s.dead_letter_maxlen,
+            source_channel=s.channel,
+        )
+        self.metrics = UpdaterMetrics()
+        self.ready = False
+        self._stopping = False
+        self._stop_event: asyncio.Event | None = None
+        self._subscription: Subscription | None = None
+        self._carry: tuple[list[Accepted], list[tuple[Rejected, bytes]]] | None = None
+        self._rejections = RateLimitedLog(log)
+        self._mismatch_log = RateLimitedLog(log)
+        self._summary_at = time.monotonic() + SUMMARY_INTERVAL
+        self._summary = [0, 0]  # validated keys, committed messages since the last summary
+
+    # -- the seed's persist_data: one message, parsed and committed --------------
+    async def persist_data(self, message: bytes | str) -> BatchOutcome | Rejected:
+        """Parse one message and commit it; returns the outcome or the rejection."""
+        raw = message.encode() if isinstance(message, str) else message
+        accepted, rejected = self._parse([raw])
+        outcome = await self._commit(accepted, rejected)
+        return rejected[0][0] if rejected else outcome
+
+    # -- the loop -----------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop taking messages; what is in hand is committed, then run() returns."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("kv-updater: stopping: committing what is in hand")
+        if self._subscription is not None:
+            self._subscription.unsubscribe()
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        self._stop_event = asyncio.Event()
+        if self._stopping:
+            self._stop_event.set()
+        log.info("kv-updater: starting with %s", s.redacted())
+        health: HealthServer | None = None
+        if s.metrics_port:
+            health = HealthServer(s.metrics_host, s.metrics_port, self.metrics, lambda: self.ready)
+            health.start()
+            log.info("kv-updater: /metrics, /live, /ready on port %d", health.port)
+        backoff = Backoff()
+        outage = Outage(log, "kv-updater")
+        try:
+            while not self._stopping:
+                try:
+                    await self._connect()
+                    if self._carry is not None:
+                        carried, self._carry = self._carry, None
+                        await self._commit(*carried)
+                except _CONNECTION_ERRORS as exc:
+                    self._set_ready(False)
+                    outage.failed(exc)
+                    await self._sleep(backoff.next_delay())
+                    continue
+                outage.recovered()
+                backoff.reset()
+                self._set_ready(True)
+                log.info("kv-updater: subscribed to %r, committing to %r", s.channel, s.stored_channel)
+                try:
+                    await self._consume()
+                except _CONNECTION_ERRORS as exc:
+                    self._set_ready(False)
+                    self.metrics.reconnects.inc()
+                    outage.failed(_describe_loss(exc))
+                finally:
+                    self._close_subscription()
+            if self._carry is not None:
+                log.error(
+                    "kv-updater: %d accepted messages could not be committed before shutdown "
+                    "(Redis unavailable)", len(self._carry[0]),
+                )
+        finally:
+            self._set_ready(False)
+            self._flush_summaries()
+            self._close_subscription()
+            if health is not None:
+                health.stop()
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+            log.info("kv-updater: stopped")
+
+    async def _connect(self) -> None:
+        self._close_subscription()
+        sub = await Subscription.open(self.settings.redis_url, self.channel)
+        self._subscription = sub
+        if self._stopping:
+            sub.unsubscribe()
+        await self.committer.load_script()
+
+    async def _consume(self) -> None:
+        sub = self._subscription
+        assert sub is not None
+        batch_max = self.settings.batch_max
+        in_flight: asyncio.Task[BatchOutcome] | None = None
+        try:
+            while not sub.unsubscribed:
+                payloads = await self._take(sub, batch_max)
+                self.metrics.backlog_bytes.set(sub.backlog_bytes)
+                if not payloads:
+                    continue
+                accepted, rejected = self._parse(payloads)
+                if in_flight is not None:
+                    await in_flight
+                    in_flight = None
+                # Commit in the background: the next batch is parsed meanwhile.
+                in_flight = asyncio.create_task(self._commit(accepted, rejected))
+        finally:
+            if in_flight is not None:
+                await in_flight
+
+    async def _take(self, sub: Subscription, limit: int) -> list[bytes]:
+        if not self._stopping:
+            return await sub.take(limit)
+        # Stopping: wait for the unsubscribe confirmation, but not forever.
+        try:
+            return await asyncio.wait_for(sub.take(limit), SHUTDOWN_GRACE)
+        except asyncio.TimeoutError:
+            sub.unsubscribed = True
+            return []
+
+    def _parse(self, payloads: list[bytes]) -> tuple[list[Accepted], list[tuple[Rejected, bytes]]]:
+        parse = self.rules.parse
+        accepted: list[Accepted] = []
+        rejected: list[tuple[Rejected, bytes]] = []
+        for raw in payloads:
+            result = parse(raw)
+            if type(result) is Accepted:
+                accepted.append(result)
+            else:
+                assert isinstance(result, Rejected)
+                rejected.append((result, raw))
+        self.metrics.received.inc(len(payloads))
+        for rejection, raw in rejected:
+            self.metrics.rejected.labels(rejection.reason).inc()
+            if rejection.severity is Severity.UNDECODABLE:
+                self._rejections.log(
+                    logging.ERROR, "undecodable message (%s, %d bytes): %s",
+                    rejection.reason, len(raw), rejection.detail,
+                )
+            else:
+                self._rejections.log(
+                    logging.WARNING, "malformed message (%s): %s", rejection.reason, rejection.detail
+                )
+        return accepted, rejected
+
+    async def _commit(
+        self, accepted: list[Accepted], rejected: list[tuple[Rejected, bytes]]
+    ) -> BatchOutcome:
+        started = time.perf_counter()
+        try:
+            outcome = await self.committer.commit(accepted, rejected)
+        except _CONNECTION_ERRORS:
+            # Keep what is in hand: it is committed first after the reconnect.
+            # A retried batch is harmless: replays of committed values change nothing.
+            self._carry = (accepted, rejected)
+            self._close_subscription()
+            raise
+        m = self.metrics
+        m.commit_seconds.observe(time.perf_counter() - started)
+        if accepted:
+            m.batch_size.observe(len(accepted))
+        m.committed.inc(outcome.committed)
+        m.stale.inc(outcome.stale)
+        m.unchanged.inc(outcome.unchanged)
+        m.superseded.inc(outcome.superseded)
+        if rejected and self.settings.dead_letter:
+            m.dead_lettered.inc(len(rejected))
+        if outcome.mismatches:
+            m.validation_failures.inc(len(outcome.mismatches))
+            for type_ in outcome.mismatches:
+                self._mismatch_log.log(
+                    logging.ERROR, "validation failed: key %r does not hold what was written", type_
+                )
+        m.validated.inc(outcome.validated)
+        if log.isEnabledFor(logging.DEBUG):
+            for msg, status in zip(accepted, outcome.statuses, strict=True):
+                if status > 0:
+                    log.debug("persisted %s (seq %d)", msg.type, status)
+                else:
+                    what = {UNCHANGED: "unchanged", SUPERSEDED: "superseded"}.get(status, "stale")
+                    log.debug("not written (%s): %s", what, msg.type)
+        self._summarise(outcome)
+        return outcome
+
+    def _summarise(self, outcome: BatchOutcome) -> None:
+        self._summary[0] += outcome.validated
+        self._summary[1] += outcome.committed
+        if time.monotonic() >= self._summary_at:
+            self._flush_summaries()
+
+    def _flush_summaries(self) -> None:
+        validated, committed = self._summary
+        if committed:
+            if self.validate:
+                log.info(
+                    "validation success: %d keys read back right after %d commits in the last %.0f s",
+                    validated, committed, SUMMARY_INTERVAL,
+                )
+            else:
+                log.info("committed %d messages in the last %.0f s", committed, SUMMARY_INTERVAL)
+        self._summary = [0, 0]
+        self._summary_at = time.monotonic() + SUMMARY_INTERVAL
+        self._rejections.flush()
+        self._mismatch_log.flush()
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready else 0)
+
+    def _close_subscription(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._stop_event is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+
+def _describe_loss(exc: BaseException) -> str:
+    if isinstance(exc, SubscriptionLost):
+        return (
+            f"subscription lost: {exc} (Redis restarted, the network dropped, or Redis closed "
+            "the subscriber on its client-output-buffer-limit for pubsub)"
+        )
+    return f"{type(exc).__name__}: {exc}"
