@@ -1,0 +1,1 @@
+"""The demo's upstream microservice: realistic feeds published on the update channel."""
