@@ -1,0 +1,53 @@
+# One image for the three services of the chain: kv-updater, api-server and
+# demo-publisher (console scripts on PATH; `python -m <package>` works too).
+#
+#   docker build --pull=false -t redis-first-chain .
+#   docker run --rm redis-first-chain kv-updater --help
+#
+# The default command is api-server (port 8000). The HEALTHCHECK fetches
+# $HEALTH_URL (default: the api-server's /live on $PORT); set HEALTH_URL to
+# http://127.0.0.1:9100/live for a kv-updater run with METRICS_PORT=9100.
+#
+# Dependencies come from the package index pip is given (PyPI by default;
+# --build-arg PIP_INDEX_URL=... for a mirror). For an offline build, put wheels
+# of every dependency in build/docker-wheels/ (deploy/docker-smoke.sh shows how)
+# and pass --build-arg PIP_NO_INDEX=1: pip then installs from that folder only.
+
+ARG PYTHON_IMAGE=python:3.12-slim
+
+# ---- build: a virtual environment holding the project and its dependencies
+FROM ${PYTHON_IMAGE} AS build
+ARG PIP_NO_INDEX=0
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_FIND_LINKS=/src/build/docker-wheels \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python3 -m venv /opt/venv
+COPY . /src
+RUN /opt/venv/bin/pip install --no-cache-dir /src \
+    && /opt/venv/bin/python -c "import kv_updater, api_server, demo_publisher" \
+    && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools wheel \
+    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+
+# ---- runtime: the venv on a clean base, run by an unprivileged user
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="redis-first-chain" \
+      org.opencontainers.image.description="Redis-first real-time data chain: kv-updater, api-server, demo-publisher" \
+      org.opencontainers.image.licenses="MIT"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PORT=8000 \
+    HEALTH_URL=""
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8000 9100
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=4s --start-period=20s --retries=3 \
+    CMD ["python3", "-c", "import os,urllib.request as u; u.urlopen(os.environ.get('HEALTH_URL') or 'http://127.0.0.1:%s/live' % (os.environ.get('PORT') or '8000'), timeout=3).read()"]
+CMD ["api-server"]
