@@ -1,0 +1,284 @@
+"""The hub: ONE pub/sub subscription per process, fanned out to every SSE client.
+
+Each commit notification is parsed (type and seq) and framed for SSE once, then
+offered to the clients that want it - a dict insertion per client, no copy and no
+task per message.  Messages that Redis delivered together are handled in one go,
+before any client runs, so a client woken once writes every commit it got.
+
+Redis down or restarted: the subscription is reopened with capped, jittered
+backoff (one ERROR per outage, one INFO when back), readiness is false meanwhile,
+and on every (re)subscription each client is marked to re-read "since the last id
+it received" - the commits published while nobody listened are caught up that way.
+If the commit sequence went backwards (Redis lost its data), the streams are
+closed instead: an EventSource reconnects with its Last-Event-ID, which is then
+ahead of the store and gets a full snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+from redis.exceptions import RedisError
+
+from api_server.events import Event, TypeJson, frame, parse_notification
+from api_server.store import Store
+from api_server.stream import KEEPALIVE, Client
+from kv_updater.backoff import Backoff, Outage
+from kv_updater.subscriber import Subscription, SubscriptionLost
+
+log = logging.getLogger("api_server.hub")
+
+_LOST = (OSError, RedisError, SubscriptionLost, asyncio.TimeoutError)
+TAKE_MAX = 2_000
+HEALTH_INTERVAL = 5.0
+"""A subscription silent this long checks that Redis still answers."""
+RETRY_FIELD = b"retry: 1000\n\n"
+"""First bytes of a stream: EventSource reconnects after 1 s instead of ~3 s."""
+
+
+class Hub:
+    def __init__(
+        self,
+        store: Store,
+        redis_url: str,
+        channel: str,
+        *,
+        max_clients: int = 10_000,
+        keepalive: float = 15.0,
+    ) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.channel = channel
+        self.max_clients = max_clients
+        self.keepalive = keepalive
+        self.type_json = TypeJson()
+        self.unfiltered: set[Client] = set()
+        self.by_type: dict[str, set[Client]] = {}
+        self.count = 0
+        self.subscribed = False
+        self.generation = 0
+        self.last_seq = 0
+        self.outage = Outage(log, "api subscription")
+        self._stopping = False
+        self._sub: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        # Counters read at scrape time (plain ints: they are bumped per client per event).
+        self.events_sent = 0
+        self.snapshot_events = 0
+        self.conflated = 0
+        self.messages = 0
+        self.ignored = 0
+        self.resyncs = 0
+        self.reconnects = 0
+        self.streams_closed_on_reset = 0
+
+    # ---- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._run(), name="hub-subscription"),
+            asyncio.create_task(self._keepalive(), name="hub-keepalive"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.subscribed = False
+        if self._sub is not None:
+            self._sub.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for client in self._clients():
+            client.closed = True
+            client.wake()
+
+    # ---- clients ---------------------------------------------------------------
+    def register(self, client: Client) -> bool:
+        """Add a client before it reads its snapshot; False at the client limit."""
+        if self.count >= self.max_clients or self._stopping:
+            return False
+        if client.types is None:
+            self.unfiltered.add(client)
+        else:
+            for name in client.types:
+                self.by_type.setdefault(name, set()).add(client)
+        client.registered = True
+        self.count += 1
+        return True
+
+    def unregister(self, client: Client) -> None:
+        """Idempotent: the generator's finally and the response's background both call it."""
+        if not client.registered:
+            return
+        client.registered = False
+        client.closed = True
+        self.count -= 1
+        if client.types is None:
+            self.unfiltered.discard(client)
+        else:
+            for name in client.types:
+                group = self.by_type.get(name)
+                if group is not None:
+                    group.discard(client)
+                    if not group:
+                        del self.by_type[name]
+        client.pending.clear()
+        client.wake()
+
+    def _clients(self) -> list[Client]:
+        seen = set(self.unfiltered)
+        for group in self.by_type.values():
+            seen |= group
+        return list(seen)
+
+    def pending_values(self) -> int:
+        return sum(len(c.pending) for c in self._clients())
+
+    # ---- the stream of one client ------------------------------------------------
+    async def stream(self, client: Client) -> AsyncIterator[bytes]:
+        """The SSE body of a registered client: retry field, snapshot, then live."""
+        try:
+            yield RETRY_FIELD
+            while not client.closed:
+                if client.needs_snapshot:
+                    if self.subscribed:
+                        chunk = await self._read_snapshot(client)
+                        if chunk:
+                            yield chunk
+                        continue
+                    # Otherwise wait: the hub wakes every client once subscribed.
+                    # Pending commits wait too - the read since the last id
+                    # delivered must come first, or what the hub missed is lost.
+                elif client.pending:
+                    chunk, n = client.take()
+                    self.events_sent += n
+                    yield chunk
+                    continue
+                if client.ping_due:
+                    client.ping_due = False
+                    yield KEEPALIVE
+                    continue
+                await client.wait()
+        finally:
+            self.unregister(client)
+
+    async def _read_snapshot(self, client: Client) -> bytes:
+        client.needs_snapshot = False  # a resubscription during the read sets it again
+        since = max(client.last_id, client.floor, 0)
+        try:
+            snap = await self.store.snapshot(since, client.types)
+            if snap.seq < since:
+                if client.floor >= 0:
+                    # A live stream whose store went back (Redis lost its data):
+                    # end it; the EventSource comes back with its Last-Event-ID.
+                    self.streams_closed_on_reset += 1
+                    client.closed = True
+                    return b""
+                # A new client resuming from an id the store never reached: all of it.
+                client.last_id = since = 0
+                snap = await self.store.snapshot(0, client.types)
+        except RedisError as exc:
+            log.debug("snapshot read failed (%s); retrying", exc)
+            client.needs_snapshot = True
+            asyncio.get_running_loop().call_later(0.2 + random.random() * 0.3, client.wake)
+            return b""
+        client.drop_covered(snap.seq)
+        if not snap.values:
+            return b""
+        render = self.type_json.render
+        parts = [frame(s.seq, render(s.type, s.value, s.seq)) for s in snap.values]
+        client.last_id = snap.values[-1].seq  # all > since >= the previous last id
+        self.snapshot_events += len(parts)
+        self.events_sent += len(parts)
+        return b"".join(parts)
+
+    # ---- the subscription ------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = Backoff(base=0.05, cap=2.0)
+        while not self._stopping:
+            try:
+                sub = await Subscription.open(
+                    self.redis_url, self.channel, client_name="api-server", timeout=5.0
+                )
+            except _LOST as exc:
+                self.outage.failed(exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            self._sub = sub
+            if self.generation:
+                self.reconnects += 1
+            self.generation += 1
+            self.last_seq = 0
+            self.subscribed = True
+            backoff.reset()
+            self.outage.recovered()
+            self._resync_all()
+            try:
+                await self._pump(sub)
+            except _LOST as exc:
+                if not self._stopping:
+                    self.outage.failed(exc)
+            finally:
+                self.subscribed = False
+                self._sub = None
+                sub.close()
+
+    async def _pump(self, sub: Subscription) -> None:
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(HEALTH_INTERVAL):
+                    batch = await sub.take(TAKE_MAX)
+            except TimeoutError:
+                # Quiet channel: make sure Redis is still there (a dead peer sends no FIN).
+                async with asyncio.timeout(HEALTH_INTERVAL):
+                    await self.store.ping()
+                continue
+            if not batch and sub.unsubscribed:
+                return
+            self.dispatch(batch)
+
+    def dispatch(self, batch: list[bytes]) -> None:
+        """Fan a batch of commit notifications out to the clients, in order."""
+        conflated = 0
+        unfiltered = self.unfiltered
+        by_type = self.by_type
+        for payload in batch:
+            parsed = parse_notification(payload)
+            if parsed is None:
+                self.ignored += 1
+                continue
+            type_, seq = parsed
+            if seq <= self.last_seq:
+                log.warning(
+                    "commit sequence went back (%d after %d): re-reading every stream",
+                    seq, self.last_seq,
+                )
+                self._resync_all()
+            self.last_seq = seq
+            event = Event(type_, seq, frame(seq, payload))
+            for client in unfiltered:
+                conflated += client.offer(event)
+            group = by_type.get(type_)
+            if group:
+                for client in group:
+                    conflated += client.offer(event)
+        self.messages += len(batch)
+        self.conflated += conflated
+
+    def _resync_all(self) -> None:
+        for client in self._clients():
+            client.needs_snapshot = True
+            client.wake()
+        self.resyncs += 1
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive)
+            for client in self._clients():
+                client.ping_due = True
+                client.wake()

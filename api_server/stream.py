@@ -1,0 +1,111 @@
+"""One SSE client: its pending commits and the generator that writes them out.
+
+Order of a stream (DESIGN.md: snapshot, then live, no gap, no duplicate):
+
+1. the client is registered with the hub first, so every commit published from
+   now on lands in its ``pending`` buffer;
+2. one atomic read returns the global seq ``S`` and every (filtered) key
+   committed after the client's Last-Event-ID, each with its seq;
+3. those values go out sorted by seq (all <= S), then ``pending`` minus anything
+   <= S (already covered by the read), then live commits, all > S.
+
+``pending`` is an insertion-ordered dict type -> newest commit of that type.  A
+newer commit of a type replaces the pending one *and moves to the end*, so the
+dict stays sorted by seq and ids on the wire strictly increase - which is what
+makes a Last-Event-ID resume exact.  A slow reader therefore costs at most one
+pending value per key (conflation), never an unbounded queue.
+
+After the hub lost and regained its subscription it may have missed commits, so
+it marks every client for a new read "since the last id delivered": step 2 again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from itertools import islice
+
+from api_server.events import Event
+
+KEEPALIVE = b": keep-alive\n\n"
+CHUNK_EVENTS = 512
+"""Events per write at most: a client far behind gets several moderate writes."""
+
+
+class Client:
+    """Per-client state; the hub writes into it, the client's generator reads it."""
+
+    __slots__ = (
+        "closed",
+        "floor",
+        "last_id",
+        "needs_snapshot",
+        "pending",
+        "ping_due",
+        "registered",
+        "types",
+        "waiter",
+    )
+
+    def __init__(self, types: frozenset[str] | None, last_event_id: int) -> None:
+        self.types = types
+        """The ``?keys=`` filter, None for every key."""
+        self.pending: dict[str, Event] = {}
+        self.last_id = last_event_id
+        """Seq of the last event written to the client (or its Last-Event-ID)."""
+        self.floor = -1
+        """Global seq of the last snapshot read: commits up to it are covered by it."""
+        self.needs_snapshot = True
+        self.ping_due = False
+        self.closed = False
+        self.registered = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def offer(self, event: Event) -> bool:
+        """Queue a commit for this client; True when it replaced a pending one."""
+        if event.seq <= self.floor:
+            return False
+        pending = self.pending
+        replaced = pending.pop(event.type, None) is not None
+        pending[event.type] = event
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        return replaced
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+    def take(self) -> tuple[bytes, int]:
+        """Pending events as one write (oldest first) and how many it holds."""
+        pending = self.pending
+        if len(pending) <= CHUNK_EVENTS:
+            events = list(pending.values())
+            pending.clear()
+        else:
+            events = [pending.pop(name) for name in list(islice(pending, CHUNK_EVENTS))]
+        self.last_id = events[-1].seq
+        if len(events) == 1:
+            return events[0].frame, 1
+        return b"".join([e.frame for e in events]), len(events)
+
+    def drop_covered(self, seq: int) -> None:
+        """Forget pending commits a snapshot at ``seq`` already holds (or superseded)."""
+        self.floor = seq
+        pending = self.pending
+        if pending and next(iter(pending.values())).seq <= seq:
+            # Sorted by seq: drop from the front only.
+            for name in [n for n, e in pending.items() if e.seq <= seq]:
+                del pending[name]
