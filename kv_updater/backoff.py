@@ -46,7 +46,9 @@ class Outage:
         if self.down_since is None:
             self.down_since = time.monotonic()
             self.outages += 1
-            self.logger.error("%s: Redis unavailable (%s); retrying with backoff", self.what, reason)
+            self.logger.error(
+                "%s: Redis unavailable (%s); retrying with backoff", self.what, reason
+            )
         else:
             self.logger.debug("%s: still unavailable (%s)", self.what, reason)
 

@@ -1,5 +1,10 @@
 """The atomic batch commit and its read-back validation.
 
+Commands go out as one packed write on a pooled redis-py connection and their
+replies are read in order: a pipeline, built with hiredis's C ``pack_command``.
+redis-py's asyncio pipeline packs arguments in Python, which for an EVALSHA of
+thousands of arguments costs more than the commit itself.
+
 A batch is everything the subscriber had in hand; it is committed as one atomic
 step.  Inside that step, only the winning update of each key - the latest
 ``updated`` instant, the later arrival on a tie - is written and announced; the
@@ -18,10 +23,12 @@ commands in order, so the read-back sees the state right after the commit.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -70,6 +77,7 @@ class Committer:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.source_channel = source_channel
         self._sha: str | None = None
+        self._last_args: list[str | bytes] = []
 
     async def load_script(self) -> None:
         self._sha = str(await self.client.script_load(COMMIT_LUA))
@@ -83,9 +91,9 @@ class Committer:
         dead = rejected if (rejected and self.dead_letter) else []
         if not batch:
             if dead:
-                pipe = self.client.pipeline(transaction=False)
-                self._queue_dead_letters(pipe, dead)
-                await pipe.execute()
+                for item in await self._pipeline(self._dead_letter_commands(dead)):
+                    if isinstance(item, Exception):
+                        raise item
             return BatchOutcome([])
         winners = _winners(batch)
         results = await self._run(batch, winners, dead)
@@ -98,7 +106,10 @@ class Committer:
             if isinstance(item, Exception):
                 raise item
         statuses = _statuses(batch, winners, results[0])
-        return self._outcome(batch, winners, statuses, results[-2:] if self.validate else None)
+        written = self._last_args[3::4]  # per winner: type, instant, stored, type_json
+        return self._outcome(
+            batch, winners, statuses, written, results[-2:] if self.validate else None
+        )
 
     async def _run(
         self, batch: list[Accepted], winners: dict[str, int], dead: list[tuple[Rejected, bytes]]
@@ -111,36 +122,75 @@ class Committer:
             msg = batch[position]
             keys.append(data_key(msg.type))
             args += (msg.type, msg.instant, msg.stored, msg.type_json)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.execute_command("EVALSHA", self._sha, len(keys), *keys, *args)
-        self._queue_dead_letters(pipe, dead)
+        # The EVALSHA's arguments hold each winner's stored value: the read-back
+        # compares against those instead of encoding the values again.
+        assert self._sha is not None
+        self._last_args = args
+        commands: list[Sequence[str | bytes]] = [
+            ("EVALSHA", self._sha, str(len(keys)), *keys, *args)
+        ]
+        commands += self._dead_letter_commands(dead)
         if self.validate:
-            pipe.execute_command("MGET", *keys[3:])
-            pipe.execute_command("ZMSCORE", layout.index, *winners)
-        return list(await pipe.execute(raise_on_error=False))
+            commands.append(("MGET", *keys[3:]))
+            commands.append(("ZMSCORE", layout.index, *winners))
+        return await self._pipeline(commands)
 
-    def _queue_dead_letters(self, pipe: Any, dead: list[tuple[Rejected, bytes]]) -> None:
-        now = f"{time.time():.6f}"
-        for rejection, raw in dead:
-            pipe.xadd(
-                self.dead_letter,
-                {
-                    "reason": rejection.reason,
-                    "detail": rejection.detail,
-                    "channel": self.source_channel,
-                    "received": now,
-                    "size": str(len(raw)),
-                    "payload": raw[:DEAD_LETTER_PAYLOAD_MAX],
-                },
-                maxlen=self.dead_letter_maxlen,
-                approximate=True,
+    async def _pipeline(self, commands: list[Sequence[str | bytes]]) -> list[Any]:
+        """Send ``commands`` in one write, return their replies (errors as exceptions)."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(
+                b"".join(_pack(tuple(c)) for c in commands), check_health=False
             )
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            # Replies left unread would be taken for the next command's: drop the connection.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        return replies
+
+    def _dead_letter_commands(
+        self, dead: list[tuple[Rejected, bytes]]
+    ) -> list[Sequence[str | bytes]]:
+        now = f"{time.time():.6f}"
+        return [
+            (
+                "XADD",
+                self.dead_letter,
+                "MAXLEN",
+                "~",
+                str(self.dead_letter_maxlen),
+                "*",
+                "reason",
+                rejection.reason,
+                "detail",
+                rejection.detail,
+                "channel",
+                self.source_channel,
+                "received",
+                now,
+                "size",
+                str(len(raw)),
+                "payload",
+                raw[:DEAD_LETTER_PAYLOAD_MAX],
+            )
+            for rejection, raw in dead
+        ]
 
     def _outcome(
         self,
         batch: list[Accepted],
         winners: dict[str, int],
         statuses: list[int],
+        written: list[str | bytes],
         readback: list[Any] | None,
     ) -> BatchOutcome:
         outcome = BatchOutcome(statuses)
@@ -156,18 +206,25 @@ class Committer:
         if readback is None:
             return outcome
         values, scores = readback
-        for position, value, score in zip(winners.values(), values, scores, strict=True):
-            msg, seq = batch[position], statuses[position]
+        for position, stored, value, score in zip(
+            winners.values(), written, values, scores, strict=True
+        ):
+            seq = statuses[position]
             if seq <= 0:
                 continue
             outcome.validated += 1
             # A higher index score is a newer commit (another updater): that is fine.
-            if score is None or int(score) < seq or (int(score) == seq and value != msg.stored):
-                outcome.mismatches.append(msg.type)
+            held = -1 if score is None else int(float(score))
+            if held < seq or (held == seq and value != stored):
+                outcome.mismatches.append(batch[position].type)
         return outcome
 
 
-def _winners(batch: list[Accepted]) -> dict[Accepted, int]:
+# hiredis's C packer; its stub types the argument as a 1-tuple, hence Any.
+_pack: Any = hiredis.pack_command
+
+
+def _winners(batch: list[Accepted]) -> dict[str, int]:
     """The message that wins each key in the batch, mapped to its position.
 
     The latest instant wins; on a tie the later arrival does (DESIGN.md), except an
@@ -180,7 +237,9 @@ def _winners(batch: list[Accepted]) -> dict[Accepted, int]:
             best[msg.type] = position
             continue
         held = batch[current]
-        if msg.instant > held.instant or (msg.instant == held.instant and msg.stored != held.stored):
+        if msg.instant > held.instant or (
+            msg.instant == held.instant and msg.stored != held.stored
+        ):
             best[msg.type] = position
     return best
 

@@ -36,16 +36,15 @@ def setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Libraries stay at WARNING unless the user asks for DEBUG.
     for noisy in ("asyncio", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING)
-                                          if level != "DEBUG" else logging.DEBUG)
+        logging.getLogger(noisy).setLevel(
+            max(logging.getLevelName(level), logging.WARNING) if level != "DEBUG" else logging.DEBUG
+        )
 
 
 class RateLimitedLog:
@@ -78,7 +77,8 @@ class RateLimitedLog:
         if self._suppressed:
             self.logger.warning(
                 "%d more rejected messages not logged in the last %.0f s (see the metrics)",
-                self._suppressed, self.interval,
+                self._suppressed,
+                self.interval,
             )
         self._window_start = time.monotonic() if now is None else now
         self._in_window = 0

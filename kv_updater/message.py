@@ -52,10 +52,24 @@ class Accepted(NamedTuple):
     type: str
     instant: str
     """Sortable instant key of ``updated`` (see kv_updater.instant)."""
-    stored: bytes
-    """The stored value: compact JSON of exactly updated, valid, values."""
+    updated: str
+    valid: str | None
+    values: dict[str, Any]
     type_json: bytes
     """``type`` as a JSON string, spliced into commit notifications."""
+
+    @property
+    def stored(self) -> bytes:
+        """The stored value: compact JSON of exactly updated, valid, values.
+
+        Encoded on demand: under load most messages are superseded inside their
+        batch and never written, so they are validated but never encoded.
+        """
+        return orjson.dumps({"updated": self.updated, "valid": self.valid, "values": self.values})
+
+
+# NamedTuple's generated __new__ is Python code; the tuple constructor is not.
+_new_accepted = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +109,14 @@ def render_event(type_json: bytes, stored: bytes, seq: int) -> bytes:
 class MessageRules:
     """Validation settings for messages, compiled once."""
 
-    __slots__ = ("_reserved_keys", "_type_json", "_type_match", "layout", "max_bytes")
+    __slots__ = (
+        "_reserved_keys",
+        "_type_json",
+        "_type_match",
+        "_valid_seen",
+        "layout",
+        "max_bytes",
+    )
 
     # Accepted types and their JSON spelling: real feeds reuse a bounded set of
     # types, so the pattern, the namespace check and the encoding run once per type.
@@ -115,6 +136,7 @@ class MessageRules:
         self._type_match = re.compile(type_pattern).fullmatch
         self._reserved_keys = reserved_keys
         self._type_json: dict[str, bytes] = {}
+        self._valid_seen: set[object] = set()
 
     def type_allowed(self, type_: str) -> bool:
         """The API's check before touching Redis: pattern and namespace."""
@@ -154,18 +176,22 @@ class MessageRules:
         except InvalidInstant as exc:
             return Rejected("bad_updated", f"updated: {exc}")
         valid = doc.get("valid")
-        if valid is not None:
+        if valid is not None and valid not in self._valid_seen:
             if type(valid) is not str:
                 return Rejected("bad_valid", f"valid {_show(valid)} is not a date-time string")
             try:
                 instant_key(valid)
             except InvalidInstant as exc:
                 return Rejected("bad_valid", f"valid: {exc}")
+            # Validity horizons are usually coarse (whole seconds or minutes) and
+            # shared by many messages: remember the good ones.
+            if len(self._valid_seen) >= self._TYPE_CACHE_MAX:
+                self._valid_seen.clear()
+            self._valid_seen.add(valid)
         values = doc.get("values")
         if type(values) is not dict:
             return Rejected("bad_values", f"values {_show(values)} is not an object")
-        stored = orjson.dumps({"updated": updated, "valid": valid, "values": values})
-        return Accepted(type_, instant, stored, type_json)
+        return _new_accepted(Accepted, (type_, instant, updated, valid, values, type_json))
 
     def _check_type(self, type_: object) -> Rejected | None:
         if type(type_) is not str or self._type_match(type_) is None:

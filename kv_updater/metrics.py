@@ -68,7 +68,7 @@ class UpdaterMetrics:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # probes every few seconds must not flood the log
 
 
@@ -99,7 +99,9 @@ class HealthServer:
         self.server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
         self.port = self.server.server_port
         self._thread = threading.Thread(
-            target=self.server.serve_forever, args=(0.1,), name="kv-updater-health",
+            target=self.server.serve_forever,
+            args=(0.1,),
+            name="kv-updater-health",
             daemon=True,
         )
 

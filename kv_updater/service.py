@@ -140,7 +140,9 @@ class KVUpdater:
                 outage.recovered()
                 backoff.reset()
                 self._set_ready(True)
-                log.info("kv-updater: subscribed to %r, committing to %r", s.channel, s.stored_channel)
+                log.info(
+                    "kv-updater: subscribed to %r, committing to %r", s.channel, s.stored_channel
+                )
                 try:
                     await self._consume()
                 except _CONNECTION_ERRORS as exc:
@@ -152,7 +154,8 @@ class KVUpdater:
             if self._carry is not None:
                 log.error(
                     "kv-updater: %d accepted messages could not be committed before shutdown "
-                    "(Redis unavailable)", len(self._carry[0]),
+                    "(Redis unavailable)",
+                    len(self._carry[0]),
                 )
         finally:
             self._set_ready(False)
@@ -199,7 +202,7 @@ class KVUpdater:
         # Stopping: wait for the unsubscribe confirmation, but not forever.
         try:
             return await asyncio.wait_for(sub.take(limit), SHUTDOWN_GRACE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             sub.unsubscribed = True
             return []
 
@@ -219,12 +222,18 @@ class KVUpdater:
             self.metrics.rejected.labels(rejection.reason).inc()
             if rejection.severity is Severity.UNDECODABLE:
                 self._rejections.log(
-                    logging.ERROR, "undecodable message (%s, %d bytes): %s",
-                    rejection.reason, len(raw), rejection.detail,
+                    logging.ERROR,
+                    "undecodable message (%s, %d bytes): %s",
+                    rejection.reason,
+                    len(raw),
+                    rejection.detail,
                 )
             else:
                 self._rejections.log(
-                    logging.WARNING, "malformed message (%s): %s", rejection.reason, rejection.detail
+                    logging.WARNING,
+                    "malformed message (%s): %s",
+                    rejection.reason,
+                    rejection.detail,
                 )
         return accepted, rejected
 
@@ -278,8 +287,11 @@ class KVUpdater:
         if committed:
             if self.validate:
                 log.info(
-                    "validation success: %d keys read back right after %d commits in the last %.0f s",
-                    validated, committed, SUMMARY_INTERVAL,
+                    "validation success: %d keys read back right after %d commits "
+                    "in the last %.0f s",
+                    validated,
+                    committed,
+                    SUMMARY_INTERVAL,
                 )
             else:
                 log.info("committed %d messages in the last %.0f s", committed, SUMMARY_INTERVAL)

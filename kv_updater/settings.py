@@ -36,8 +36,9 @@ from kv_updater.message import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TYPE_PATTERN, 
 
 EXIT_BAD_SETTING = 2
 
-_config_file_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "config_file_values", default={}
+# The config.py values of the load in progress (a settings source cannot take arguments).
+_config_file_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "config_file_values", default=None
 )
 
 
@@ -93,7 +94,7 @@ class CommonSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_py = InitSettingsSource(settings_cls, init_kwargs=_config_file_values.get())
+        config_py = InitSettingsSource(settings_cls, init_kwargs=_config_file_values.get() or {})
         return (init_settings, env_settings, config_py)
 
     def redacted(self) -> dict[str, Any]:
@@ -170,7 +171,7 @@ class UpdaterSettings(RedisLayoutSettings):
 
     def message_rules(self) -> MessageRules:
         # A message must never overwrite the dead-letter stream.
-        reserved = frozenset()
+        reserved: frozenset[str] = frozenset()
         if self.dead_letter and self.dead_letter.startswith(self.key_prefix):
             reserved = frozenset({self.dead_letter[len(self.key_prefix) :]})
         return MessageRules(
@@ -235,15 +236,15 @@ def _read_config_file(path: str | None, explicit: bool) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in config.items()}
 
 
-def load_settings(
-    cls: type[S], argv: Sequence[str] | None, prog: str, description: str = ""
-) -> S:
+def load_settings(cls: type[S], argv: Sequence[str] | None, prog: str, description: str = "") -> S:
     """Parse flags, environment and config.py into ``cls``; raise SettingsError on bad ones."""
     parser = build_parser(cls, prog, description)
     args = vars(parser.parse_args(argv))
     config_arg = args.pop("config")
     config_path = config_arg or os.environ.get("CONFIG_FILE") or "config.py"
-    file_values = _read_config_file(config_path, explicit=bool(config_arg or "CONFIG_FILE" in os.environ))
+    file_values = _read_config_file(
+        config_path, explicit=bool(config_arg or "CONFIG_FILE" in os.environ)
+    )
     flags = {k: v for k, v in args.items() if v is not None}
     token = _config_file_values.set(file_values)
     try:
@@ -259,7 +260,11 @@ def _one_line(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "settings"
     message = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    shown = "" if isinstance(value, dict) or where in {"api_token", "redis_url"} else f" (got {value!r})"
+    shown = (
+        ""
+        if isinstance(value, dict) or where in {"api_token", "redis_url"}
+        else f" (got {value!r})"
+    )
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"bad setting {where}: {message}{shown}{more}"
 

@@ -80,7 +80,12 @@ class Subscription:
 
     @classmethod
     async def open(
-        cls, url: str, channel: str, *, client_name: str = "kv-updater", timeout: float = 5.0
+        cls,
+        url: str,
+        channel: str,
+        *,
+        client_name: str = "kv-updater",
+        connect_timeout: float = 5.0,
     ) -> Subscription:
         kwargs: dict[str, Any] = dict(parse_url(url))
         loop = asyncio.get_running_loop()
@@ -92,16 +97,16 @@ class Subscription:
             connect = loop.create_connection(
                 _Protocol, kwargs.get("host", "localhost"), kwargs.get("port", 6379), ssl=ssl_ctx
             )
-        _, proto = await asyncio.wait_for(connect, timeout)
+        _, proto = await asyncio.wait_for(connect, connect_timeout)
         sub = cls(proto, hiredis.Reader(), channel)
         try:
             password = kwargs.get("password")
             if password is not None:
                 username = kwargs.get("username")
                 auth = ("AUTH", username, password) if username else ("AUTH", password)
-                await asyncio.wait_for(sub._call(*auth), timeout)
-            await asyncio.wait_for(sub._call("CLIENT", "SETNAME", client_name), timeout)
-            reply = await asyncio.wait_for(sub._call("SUBSCRIBE", channel), timeout)
+                await asyncio.wait_for(sub._call(*auth), connect_timeout)
+            await asyncio.wait_for(sub._call("CLIENT", "SETNAME", client_name), connect_timeout)
+            reply = await asyncio.wait_for(sub._call("SUBSCRIBE", channel), connect_timeout)
             if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
                 raise SubscriptionLost(f"unexpected reply to SUBSCRIBE: {reply!r}")
         except BaseException:
@@ -111,7 +116,7 @@ class Subscription:
 
     def _send(self, *args: str) -> None:
         assert self._proto.transport is not None
-        self._proto.transport.write(hiredis.pack_command(args))
+        self._proto.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
 
     async def _call(self, *args: str) -> Any:
         self._send(*args)

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], T | None | bool],
+    predicate: Callable[[], T | bool | None],
     timeout: float = 10.0,
     interval: float = 0.02,
     message: str = "condition",
@@ -50,7 +50,9 @@ def wait_until(
         if last:
             return last  # type: ignore[return-value]
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r})")
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {message} (last: {last!r})"
+            )
         time.sleep(interval)
 
 
@@ -92,8 +94,20 @@ class LocalRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
-             "--appendonly", "no", "--dir", self.dir, *self.extra_args],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                *self.extra_args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -129,8 +143,18 @@ class ContainerRedis:
         self.url = f"redis://{self.host}:{self.port}/0"
         self.container = RedisContainer(image).with_bind_ports(6379, self.port)
         self.container.with_command(
-            ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "",
-             "--appendonly", "no", *extra_args]
+            [
+                "redis-server",
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *extra_args,
+            ]
         )
         self._started = False
 
@@ -140,7 +164,9 @@ class ContainerRedis:
             self._started = True
         else:
             self.container.get_wrapped_container().start()
-        wait_until(lambda: _ping(self.host, self.port), 30, message=f"redis container on {self.port}")
+        wait_until(
+            lambda: _ping(self.host, self.port), 30, message=f"redis container on {self.port}"
+        )
 
     def stop(self) -> None:
         self.container.get_wrapped_container().stop(timeout=5)
@@ -221,8 +247,13 @@ def dispose(server: RedisServer) -> None:
 class Service:
     """One of the project's services as a real process, logs kept in a file."""
 
-    def __init__(self, module: str, args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.module = module
         self.args = list(args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -234,7 +265,10 @@ class Service:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
         )
         log.close()
         return self
@@ -248,6 +282,7 @@ class Service:
             if self.proc is not None and self.proc.poll() is not None and text not in self.log:
                 raise AssertionError(f"{self.module} exited {self.proc.returncode}:\n{self.log}")
             return text in self.log
+
         wait_until(seen, timeout, message=f"{text!r} in the {self.module} log")
         return self.log
 
@@ -279,8 +314,12 @@ class Service:
 
 
 @contextlib.contextmanager
-def running(module: str, args: Sequence[str] = (), env: dict[str, str] | None = None,
-            ready_log: str | None = None) -> Iterator[Service]:
+def running(
+    module: str,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    ready_log: str | None = None,
+) -> Iterator[Service]:
     with Service(module, args, env) as svc:
         if ready_log:
             svc.wait_log(ready_log)

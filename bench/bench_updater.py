@@ -1,0 +1,228 @@
+"""kv_updater throughput, end to end, beside the seed's naive design.
+
+Same Redis (a private redis-server with default limits), same messages (1,000
+distinct keys by default, validation on), published as fast as Redis accepts:
+
+- ceiling: redis-benchmark's pipelined PUBLISH rate (no subscriber);
+- baseline: the seed's literal design - a sync redis-py client that, per message,
+  parses it, SETs the key and GETs it back to validate;
+- project: ``python -m kv_updater`` as a real process.
+
+Rate = messages / (first PUBLISH -> the last message's key is stored).  The
+project run must leave every key holding its last value and must never have been
+dropped by Redis.  Usage: python bench/bench_updater.py [--messages N] [--keys K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+from common import (
+    BenchRedis,
+    blast_publish,
+    free_port,
+    last_values,
+    machine,
+    make_messages,
+    wait_for,
+)
+
+CHANNEL = "update"
+
+
+def naive_updater(port: int, channel: str) -> None:
+    """The seed, literally: subscribe; per message parse, SET, GET back and compare."""
+    client = redis.Redis(port=port)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    for message in pubsub.listen():
+        data = json.loads(message["data"])
+        value = json.dumps(
+            {"updated": data["updated"], "valid": data.get("valid"), "values": data["values"]},
+            separators=(",", ":"),
+        )
+        client.set(data["type"], value)
+        if client.get(data["type"]) != value.encode():
+            print("validation failed", file=sys.stderr)
+
+
+def ceiling(port: int) -> float:
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return 0.0
+    out = subprocess.run(
+        [
+            exe,
+            "-p",
+            str(port),
+            "-n",
+            "300000",
+            "-P",
+            "100",
+            "-q",
+            "PUBLISH",
+            "bench-ceiling",
+            '{"type":"sensor-00001","updated":"2026-12-03T12:00:00.000010Z","values":{"t":21.5}}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    found = re.findall(r"([\d.]+) requests per second", out)
+    return float(found[-1]) if found else 0.0
+
+
+def wait_subscribed(client: redis.Redis, channel: str, timeout: float = 20) -> None:
+    wait_for(lambda: client.pubsub_numsub(channel)[0][1] >= 1, timeout, "the subscriber", 0.01)
+
+
+def run_naive(bench: BenchRedis, messages: list[bytes]) -> float:
+    bench.client.flushall()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--naive-worker", str(bench.port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_subscribed(bench.client, CHANNEL)
+        started = time.perf_counter()
+        blast_publish(bench.port, CHANNEL, messages)
+        wait_for(lambda: bench.client.exists("bench-end") == 1, 600, "the naive updater")
+        return time.perf_counter() - started
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def scrape(port: int, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def run_project(
+    bench: BenchRedis, messages: list[bytes], validate: bool
+) -> tuple[float, dict[str, float]]:
+    bench.client.flushall()
+    metrics_port = free_port()
+    log_path = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / "bench-kv-updater.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kv_updater",
+                "--redis-url",
+                bench.url,
+                "--metrics-port",
+                str(metrics_port),
+                "--metrics-host",
+                "127.0.0.1",
+                "--validate" if validate else "--no-validate",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_subscribed(bench.client, CHANNEL)
+        started = time.perf_counter()
+        publish_seconds = blast_publish(bench.port, CHANNEL, messages)
+        wait_for(lambda: bench.client.exists("bench-end") == 1, 600, "kv_updater")
+        elapsed = time.perf_counter() - started
+        stats = {
+            "publish_seconds": publish_seconds,
+            "committed": scrape(metrics_port, "kvupdater_messages_committed_total"),
+            "superseded": scrape(metrics_port, "kvupdater_messages_superseded_total"),
+            "validated": scrape(metrics_port, "kvupdater_validations_total"),
+            "validation_failures": scrape(metrics_port, "kvupdater_validation_failures_total"),
+            "reconnects": scrape(metrics_port, "kvupdater_reconnects_total"),
+            "batches": scrape(metrics_port, "kvupdater_batch_size_count"),
+        }
+        return elapsed, stats
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def check_final_state(bench: BenchRedis, messages: list[bytes]) -> int:
+    expected = last_values(messages)
+    types = list(expected)
+    got = bench.client.mget(types)
+    return sum(1 for t, v in zip(types, got, strict=True) if v != expected[t])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=300_000)
+    parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument(
+        "--baseline-messages",
+        type=int,
+        default=30_000,
+        help="the naive updater gets fewer messages (its rate is flat)",
+    )
+    parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--naive-worker", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.naive_worker:
+        naive_updater(args.naive_worker, CHANNEL)
+        return
+
+    messages = make_messages(args.messages, args.keys)
+    baseline_messages = make_messages(args.baseline_messages, args.keys)
+    bench = BenchRedis()
+    try:
+        print(
+            f"machine: {machine()}; redis {bench.version()} (default limits); "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        )
+        print(
+            f"messages: {args.messages:,} over {args.keys:,} keys, "
+            f"{sum(map(len, messages)) // len(messages)} bytes each on average, "
+            f"validation {'off' if args.no_validate else 'on'}"
+        )
+        top = ceiling(bench.port)
+        print(f"ceiling   redis-benchmark pipelined PUBLISH: {top:>12,.0f} msg/s")
+        naive_s = run_naive(bench, baseline_messages)
+        naive_rate = len(baseline_messages) / naive_s
+        naive_bad = check_final_state(bench, baseline_messages)
+        print(
+            f"baseline  naive SET+GET per message:      {naive_rate:>12,.0f} msg/s "
+            f"({len(baseline_messages):,} in {naive_s:.2f} s, wrong keys {naive_bad})"
+        )
+        project_s, stats = run_project(bench, messages, not args.no_validate)
+        rate = len(messages) / project_s
+        bad = check_final_state(bench, messages)
+        print(
+            f"project   kv_updater (batched, atomic):    {rate:>12,.0f} msg/s "
+            f"({len(messages):,} in {project_s:.2f} s; publishing took "
+            f"{stats['publish_seconds']:.2f} s)"
+        )
+        print(
+            f"          batches {stats['batches']:,.0f}, committed {stats['committed']:,.0f}, "
+            f"superseded in batch {stats['superseded']:,.0f}, validated keys "
+            f"{stats['validated']:,.0f}, validation failures {stats['validation_failures']:,.0f}, "
+            f"reconnects {stats['reconnects']:,.0f}, keys not at their last value {bad}"
+        )
+        print(f"ratio     project / baseline: {rate / naive_rate:.1f}x")
+        if bad or stats["reconnects"] or stats["validation_failures"]:
+            raise SystemExit("FAILED: the final state is wrong or the updater was dropped")
+    finally:
+        bench.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Shared pieces of the benchmarks: a private redis-server, messages, a fast publisher."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import hiredis
+import orjson
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.001
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class BenchRedis:
+    """A redis-server of the benchmark's own, with Redis's default limits."""
+
+    def __init__(self, extra: Sequence[str] = ()) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port)
+        wait_for(self._ping, 10, "redis-server")
+
+    def _ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def version(self) -> str:
+        return str(self.client.info("server")["redis_version"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def make_messages(count: int, keys: int, end_type: str = "bench-end") -> list[bytes]:
+    """``count`` realistic updates over ``keys`` sensors, each key's instants increasing,
+    then one final message of ``end_type`` whose arrival marks the end."""
+    base = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    out = []
+    for i in range(count):
+        at = base + timedelta(microseconds=i * 10)
+        updated = at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        valid = (at + timedelta(minutes=1)).isoformat(timespec="seconds").replace("+00:00", "Z")
+        out.append(
+            orjson.dumps(
+                {
+                    "type": f"sensor-{i % keys:05d}",
+                    "updated": updated,
+                    "valid": valid,
+                    "values": {
+                        "temperature": round(20 + (i % 97) / 10, 2),
+                        "humidity": 40 + i % 13,
+                        "status": "ok",
+                        "seq": i,
+                    },
+                }
+            )
+        )
+    out.append(
+        orjson.dumps(
+            {"type": end_type, "updated": "2026-12-03T13:00:00Z", "values": {"done": True}}
+        )
+    )
+    return out
+
+
+def last_values(messages: list[bytes]) -> dict[str, bytes]:
+    """type -> the stored value the last message of each type must leave."""
+    final: dict[str, bytes] = {}
+    for raw in messages:
+        doc = orjson.loads(raw)
+        final[doc["type"]] = orjson.dumps(
+            {"updated": doc["updated"], "valid": doc.get("valid"), "values": doc["values"]}
+        )
+    return final
+
+
+def blast_publish(port: int, channel: str, messages: list[bytes], pipeline: int = 1000) -> float:
+    """PUBLISH every message as fast as Redis accepts them, on one raw connection;
+    returns the seconds it took until Redis had answered them all."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    packed = [hiredis.pack_command(("PUBLISH", channel, m)) for m in messages]
+    done = threading.Event()
+    total = len(packed)
+
+    def drain() -> None:
+        reader = hiredis.Reader()
+        seen = 0
+        while seen < total:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            reader.feed(data)
+            while reader.gets() is not False:
+                seen += 1
+        done.set()
+
+    thread = threading.Thread(target=drain, daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    for i in range(0, total, pipeline):
+        sock.sendall(b"".join(packed[i : i + pipeline]))
+    done.wait(300)
+    elapsed = time.perf_counter() - started
+    sock.close()
+    return elapsed
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
