@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import redis
 
@@ -48,7 +48,7 @@ def wait_until(
     while True:
         last = predicate()
         if last:
-            return last  # type: ignore[return-value]
+            return cast(T, last)
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"timed out after {timeout} s waiting for {message} (last: {last!r})"
