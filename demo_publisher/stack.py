@@ -264,8 +264,19 @@ class Stack:
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", self.own_redis_dir, "--loglevel", "warning",
             "--client-output-buffer-limit", PUBSUB_BUFFER,
+            # Its start-up banner and kernel-tuning warnings are noise in a demo:
+            # they go to a file, shown only if Redis fails to start.
+            "--logfile", os.path.join(self.own_redis_dir, "redis.log"),
         ])
-        self._wait_ready(child, "redis", self._ping)
+        try:
+            self._wait_ready(child, "redis", self._ping)
+        except StartFailed:
+            with contextlib.suppress(OSError), open(
+                os.path.join(self.own_redis_dir, "redis.log"), errors="replace"
+            ) as f:
+                for line in f.readlines()[-20:]:
+                    _print(f"{'redis':>14} | {line.rstrip()}")
+            raise
 
     def start(self) -> str:
         a = self.args

@@ -27,6 +27,7 @@
     return s ? `${path}?${s}` : path;
   }
   $("link-keys").href = apiUrl("keys");
+  $("link-docs").href = apiUrl("docs");
 
   // ---- formatting -------------------------------------------------------------------
 
