@@ -86,6 +86,7 @@ class KVUpdater:
         self._stopping = False
         self._stop_event: asyncio.Event | None = None
         self._subscription: Subscription | None = None
+        self._run_id: str | None = None
         self._carry: tuple[list[Accepted], list[tuple[Rejected, bytes]]] | None = None
         self._rejections = RateLimitedLog(log)
         self._mismatch_log = RateLimitedLog(log)
@@ -148,7 +149,7 @@ class KVUpdater:
                 except _CONNECTION_ERRORS as exc:
                     self._set_ready(False)
                     self.metrics.reconnects.inc()
-                    outage.failed(_describe_loss(exc))
+                    outage.failed(await self._loss_cause(exc))
                 finally:
                     self._close_subscription()
             if self._carry is not None:
@@ -174,6 +175,30 @@ class KVUpdater:
         if self._stopping:
             sub.unsubscribe()
         await self.committer.load_script()
+        self._run_id = await self._server_run_id()
+
+    async def _server_run_id(self) -> str | None:
+        try:
+            info = await asyncio.wait_for(self.client.info("server"), 2.0)
+        except _CONNECTION_ERRORS:
+            return None
+        return str(info.get("run_id"))
+
+    async def _loss_cause(self, exc: BaseException) -> str:
+        """Name why the connection ended: the ERROR line is the operator's first clue."""
+        what = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, SubscriptionLost):
+            return what
+        run_id = await self._server_run_id()
+        if run_id is None:
+            return f"subscription lost and Redis unreachable ({what})"
+        if run_id != self._run_id:
+            return f"subscription lost: Redis restarted ({what})"
+        return (
+            f"subscription lost while Redis kept running ({what}): most likely Redis closed "
+            "the subscriber on its client-output-buffer-limit for pubsub (the updater fell "
+            "behind a burst), or a CLIENT KILL"
+        )
 
     async def _consume(self) -> None:
         sub = self._subscription
@@ -188,13 +213,28 @@ class KVUpdater:
                     continue
                 accepted, rejected = self._parse(payloads)
                 if in_flight is not None:
-                    await in_flight
-                    in_flight = None
+                    try:
+                        await in_flight
+                    except _CONNECTION_ERRORS:
+                        # The failed batch is carried; this one goes with it.
+                        self._carry_also(accepted, rejected)
+                        raise
+                    finally:
+                        in_flight = None
                 # Commit in the background: the next batch is parsed meanwhile.
                 in_flight = asyncio.create_task(self._commit(accepted, rejected))
         finally:
             if in_flight is not None:
                 await in_flight
+
+    def _carry_also(
+        self, accepted: list[Accepted], rejected: list[tuple[Rejected, bytes]]
+    ) -> None:
+        if self._carry is None:
+            self._carry = (accepted, rejected)
+        else:
+            self._carry[0].extend(accepted)
+            self._carry[1].extend(rejected)
 
     async def _take(self, sub: Subscription, limit: int) -> list[bytes]:
         if not self._stopping:
@@ -246,7 +286,7 @@ class KVUpdater:
         except _CONNECTION_ERRORS:
             # Keep what is in hand: it is committed first after the reconnect.
             # A retried batch is harmless: replays of committed values change nothing.
-            self._carry = (accepted, rejected)
+            self._carry_also(accepted, rejected)
             self._close_subscription()
             raise
         m = self.metrics
@@ -313,12 +353,3 @@ class KVUpdater:
         assert self._stop_event is not None
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
-
-
-def _describe_loss(exc: BaseException) -> str:
-    if isinstance(exc, SubscriptionLost):
-        return (
-            f"subscription lost: {exc} (Redis restarted, the network dropped, or Redis closed "
-            "the subscriber on its client-output-buffer-limit for pubsub)"
-        )
-    return f"{type(exc).__name__}: {exc}"
