@@ -1,0 +1,285 @@
+"""The atomic commit: stored value, seq, index, notifications, stale protection, replays."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from harness import wait_until
+from hypothesis import strategies as st
+from updater_fixtures import (
+    NAMESPACE_KEYS,
+    SEED_MESSAGE,
+    SEED_STORED,
+    InProcessUpdater,
+    Listener,
+    Persister,
+    check_commit_bookkeeping,
+    data_keys,
+    expected_final,
+    instant,
+    message,
+    publish_all,
+    settings_for,
+    stored_of,
+)
+
+from kv_updater import Accepted, render_event
+from kv_updater.commit import STALE, UNCHANGED
+
+FEW = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture
+def persist(redis_url: str) -> Iterator[Persister]:
+    with Persister(settings_for(redis_url)) as p:
+        yield p
+
+
+def test_seed_message_becomes_the_seed_stored_value(r: redis.Redis, redis_url: str) -> None:
+    """The real path: published on `update`, stored byte-exact, seq/index/notification agree."""
+    with Listener(r, "update:stored") as stored, InProcessUpdater(settings_for(redis_url)):
+        assert publish_all(r, "update", [SEED_MESSAGE]) == [1]
+        (note,) = stored.wait_count(1)
+    assert r.get("key") == SEED_STORED
+    assert r.get("kvupdater:seq") == b"1"
+    assert r.zrange("kvupdater:index", 0, -1, withscores=True) == [(b"key", 1.0)]
+    assert note == (
+        b'{"type":"key","updated":"2023-10-01T12:00:00Z","valid":"2023-10-01T12:05:32Z",'
+        b'"values":{"field1":"value1","field2":"value2"},"seq":1}'
+    )
+    assert note == render_event(b'"key"', SEED_STORED, 1)
+    assert set(r.keys("*")) == {b"key"} | NAMESPACE_KEYS
+
+
+def test_persist_data_keeps_the_seed_shape(persist: Persister, r: redis.Redis) -> None:
+    assert persist.ok(SEED_MESSAGE.decode()) == 1
+    assert r.get("key") == SEED_STORED
+    assert persist.ok(SEED_MESSAGE) == UNCHANGED
+
+
+def test_absent_valid_is_stored_as_null_and_unknown_fields_are_not_stored(
+    persist: Persister, r: redis.Redis
+) -> None:
+    raw = message("t", values={"a": [1, {"b": None}]}, source="x", seq=99, type_extra=True)
+    assert persist.ok(raw) == 1
+    assert r.get("t") == b'{"updated":"2023-10-01T12:00:00Z","valid":null,"values":{"a":[1,{"b":null}]}}'
+
+
+def test_strings_are_stored_as_received_not_normalised(persist: Persister, r: redis.Redis) -> None:
+    raw = message("t", updated="2023-10-01t14:00:00.500+02:00", valid="2023-10-01T12:05:32.0z",
+                  values={"text": "caf\u00e9 \u2603 \U0001f600 \"q\" \\ /", "n": 1.5})
+    assert persist.ok(raw) == 1
+    assert orjson.loads(r.get("t") or b"") == {
+        "updated": "2023-10-01t14:00:00.500+02:00", "valid": "2023-10-01T12:05:32.0z",
+        "values": {"text": "caf\u00e9 \u2603 \U0001f600 \"q\" \\ /", "n": 1.5},
+    }
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@FEW
+@given(values=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+       type_=st.from_regex(r"[A-Za-z0-9_.:-]{1,30}", fullmatch=True).filter(
+           lambda t: not t.startswith("kvupdater:")))
+def test_render_event_is_byte_equal_to_the_lua_notification(
+    redis_url: str, values: dict[str, Any], type_: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    with Listener(client, "update:stored") as stored, Persister(settings_for(redis_url)) as p:
+        seq = p.ok(message(type_, values=values))
+        (note,) = stored.wait_count(1)
+    parsed = p.updater.rules.parse(message(type_, values=values))
+    assert isinstance(parsed, Accepted)
+    assert note == render_event(parsed.type_json, parsed.stored, seq)
+    assert client.get(type_) == parsed.stored
+    assert orjson.loads(note) == {"type": type_, **orjson.loads(parsed.stored), "seq": seq}
+    client.close()
+
+
+# (first, second, whether the second is written): instants, not strings, decide.
+INSTANT_CASES = [
+    ("2023-10-01T11:00:00Z", "2023-10-01T12:00:00+02:00", False),  # 10:00Z: older
+    ("2023-10-01T12:00:00+02:00", "2023-10-01T11:00:00Z", True),
+    ("2023-10-01T12:00:00Z", "2023-10-01T07:00:00-04:00", False),  # 11:00Z
+    ("2023-10-01T12:00:00Z", "2023-10-01T07:30:00-05:00", True),   # 12:30Z
+    ("2023-10-01T12:00:00.5Z", "2023-10-01T12:00:00.50Z", True),   # equal: newer arrival wins
+    ("2023-10-01T12:00:00.50Z", "2023-10-01T12:00:00.5Z", True),
+    ("2023-10-01T12:00:00.5Z", "2023-10-01T12:00:00.4999999999Z", False),
+    ("2023-10-01T12:00:00.1Z", "2023-10-01T12:00:00.1000000001Z", True),
+    ("2023-10-01T12:00:00.9Z", "2023-10-01T12:00:01Z", True),
+    ("2023-10-01T12:00:01Z", "2023-10-01T12:00:00.999999999999Z", False),
+    ("2023-10-01T12:00:00.05Z", "2023-10-01T12:00:00.5Z", True),
+    ("2023-10-01T12:00:00.5Z", "2023-10-01T12:00:00.05Z", False),
+    ("2023-10-01T00:30:00+01:00", "2023-09-30T23:30:00Z", True),   # equal, across a day
+    ("2023-12-31T23:59:59Z", "2024-01-01T00:59:58+01:00", False),  # across a year
+    ("2023-10-01T12:00:00Z", "2023-10-01t12:00:00.000z", True),    # equal
+    ("2023-10-01T12:00:00Z", "2023-10-01T12:00:00-00:00", True),   # equal
+    ("2016-12-31T23:59:60Z", "2017-01-01T00:00:00Z", True),        # leap second: equal
+    ("2017-01-01T00:00:00Z", "2016-12-31T23:59:59.999Z", False),
+    ("9999-12-31T23:59:59Z", "0001-01-01T00:00:00+23:59", False),
+    ("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59", True),
+]
+
+
+@pytest.mark.parametrize(("first", "second", "written"), INSTANT_CASES)
+def test_stale_protection_compares_instants_not_strings(
+    persist: Persister, r: redis.Redis, first: str, second: str, written: bool
+) -> None:
+    assert (instant(second) >= instant(first)) is written  # the oracle agrees with the table
+    assert persist.ok(message("k", updated=first, values={"n": 1})) == 1
+    status = persist.ok(message("k", updated=second, values={"n": 2}))
+    if written:
+        assert status == 2
+        assert r.get("k") == stored_of(second, {"n": 2})
+    else:
+        assert status == STALE
+        assert r.get("k") == stored_of(first, {"n": 1})
+        assert persist.metric("kvupdater_messages_stale_total") == 1
+    assert int(r.get("kvupdater:seq") or 0) == (2 if written else 1)
+
+
+def test_equal_instant_identical_value_is_a_no_op(persist: Persister, r: redis.Redis) -> None:
+    with Listener(r, "update:stored") as stored:
+        assert persist.ok(message("k", values={"n": 1})) == 1
+        assert persist.ok(message("k", values={"n": 1})) == UNCHANGED
+        assert persist.ok(message("k", values={"n": 1}, ignored="extra field")) == UNCHANGED
+        assert persist.ok(message("k", values={"n": 2})) == 2  # equal instant, newer arrival
+        stored.wait_count(2)
+        assert persist.ok(message("j")) == 3  # a marker: nothing else was published before it
+        notes = stored.wait_count(3)
+    assert [orjson.loads(n)["seq"] for n in notes] == [1, 2, 3]
+    assert persist.metric("kvupdater_messages_unchanged_total") == 2
+    assert r.zscore("kvupdater:index", "k") == 2
+
+
+def test_a_stale_message_touches_nothing(persist: Persister, r: redis.Redis) -> None:
+    assert persist.ok(message("k", updated="2023-10-01T12:00:00Z")) == 1
+    before = {k: r.dump(k) for k in r.keys("*")}
+    assert persist.ok(message("k", updated="2023-10-01T11:59:59Z", values={"x": 0})) == STALE
+    assert {k: r.dump(k) for k in r.keys("*")} == before
+
+
+# -- shuffled, out-of-order, duplicated and replayed streams --------------------------
+BASE = datetime(2023, 10, 1, 12, 0, tzinfo=UTC)
+OFFSETS = [0, 0, 60, 120, -300, 330, 345, -570, 1439, -1439]
+FRACTIONS = ["", "", "0", "5", "50", "500000", "25", "999999999", "000000001"]
+
+
+@st.composite
+def timestamps(draw: st.DrawFn) -> str:
+    """RFC 3339 texts of a few seconds around BASE: many equal instants spelled differently."""
+    moment = BASE + timedelta(seconds=draw(st.integers(0, 3)))
+    minutes = draw(st.sampled_from(OFFSETS))
+    local = moment.astimezone(timezone(timedelta(minutes=minutes)))
+    fraction = draw(st.sampled_from(FRACTIONS))
+    text = local.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "")
+    if minutes == 0 and draw(st.booleans()):
+        return text + "Z"
+    sign = "+" if minutes >= 0 else "-"
+    return text + f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[bytes]:
+    updates = draw(st.lists(st.tuples(st.sampled_from("abc"), timestamps()), min_size=1,
+                            max_size=25))
+    stream = [message(t, updated=u, values={"n": i}) for i, (t, u) in enumerate(updates)]
+    stream += draw(st.lists(st.sampled_from(stream), max_size=8))  # duplicates
+    return list(draw(st.permutations(stream)))
+
+
+@FEW
+@given(stream=streams(), cuts=st.lists(st.integers(0, 40), max_size=6))
+def test_shuffled_streams_in_any_batching_end_at_the_latest_instant(
+    redis_url: str, stream: list[bytes], cuts: list[int]
+) -> None:
+    """Whatever the order, duplicates and batch boundaries: the latest instant wins,
+    on equal instants the later arrival; seq, index and notifications agree."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    with Listener(client, "update:stored") as stored, Persister(settings_for(redis_url)) as p:
+        committed = 0
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            committed += p.commit(stream[start:end]).committed
+        assert p.commit([stream[-1]]).committed == 0  # the last arrival is in
+        notes = stored.wait_count(committed)
+    final = expected_final(stream)
+    assert {k.decode(): client.get(k) for k in data_keys(client)} == final
+    last = check_commit_bookkeeping(client, notes)
+    assert set(last) == set(final)
+    client.close()
+
+
+def test_replaying_a_stream_changes_nothing(persist: Persister, r: redis.Redis) -> None:
+    rng = random.Random(7)
+    stream = [
+        message(f"k{i % 20}", updated=(BASE + timedelta(milliseconds=rng.randrange(10**6)))
+                .isoformat(), values={"i": i})
+        for i in range(400)
+    ]
+    with Listener(r, "update:stored") as stored:
+        statuses = [persist.ok(m) for m in stream]
+        notes = stored.wait_count(sum(1 for s in statuses if s > 0))
+        state = {k: r.dump(k) for k in r.keys("*")}
+        replay = stream * 2
+        rng.shuffle(replay)
+        assert all(persist.ok(m) <= 0 for m in replay)
+        assert persist.commit(replay).committed == 0
+        # A marker commit: the replays published nothing before it.
+        assert persist.ok(message("marker")) == len(notes) + 1
+        assert orjson.loads(stored.wait_count(len(notes) + 1)[-1])["type"] == "marker"
+        assert len(stored.payloads) == len(notes) + 1
+    for key in NAMESPACE_KEYS - {b"kvupdater:instants"}:
+        state.pop(key)
+    after = {k: r.dump(k) for k in r.keys("*") if k != b"marker"}
+    for key in NAMESPACE_KEYS - {b"kvupdater:instants"}:
+        after.pop(key)
+    assert set(after) == set(state)
+    assert {k: v for k, v in after.items() if k != b"kvupdater:instants"} == {
+        k: v for k, v in state.items() if k != b"kvupdater:instants"}
+    assert {k.decode(): r.get(k) for k in data_keys(r) - {b"marker"}} == expected_final(stream)
+
+
+def test_a_shuffled_stream_through_pubsub_ends_at_the_latest_instant(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """The real path, where batches form by themselves: 6000 updates of 60 keys, shuffled."""
+    rng = random.Random(2023)
+    stream = []
+    for i in range(6000):
+        at = BASE + timedelta(seconds=rng.randrange(600), microseconds=rng.randrange(3) * 500000)
+        zone = timezone(timedelta(minutes=rng.choice(OFFSETS)))
+        stream.append(message(f"k{rng.randrange(60)}", updated=at.astimezone(zone).isoformat(),
+                              values={"i": i}))
+    stream += rng.sample(stream, 500)
+    final = expected_final(stream)
+    with Listener(r, "update:stored") as stored, \
+            InProcessUpdater(settings_for(redis_url)) as up:
+        assert set(publish_all(r, "update", stream)) == {1}
+        publish_all(r, "update", [message("marker")])
+        wait_until(lambda: r.exists("marker"), 20, message="the marker")
+        received = up.metric("kvupdater_messages_received_total")
+        accounted = sum(up.metric(f"kvupdater_messages_{what}_total")
+                        for what in ("committed", "superseded", "stale", "unchanged"))
+        batches = up.metric("kvupdater_batch_size_count")
+        committed = int(up.metric("kvupdater_messages_committed_total"))
+        notes = stored.wait_count(committed)
+    assert received == accounted == len(stream) + 1
+    assert batches < received, "no batch ever held more than one message"
+    assert {k.decode(): r.get(k) for k in data_keys(r) - {b"marker"}} == final
+    check_commit_bookkeeping(r, notes)

@@ -1,0 +1,321 @@
+"""Helpers for the kv_updater tests: an in-process updater, listeners, publishers, oracles.
+
+Everything here talks to the real Redis of the harness; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import redis
+from harness import ROOT, Service, wait_until
+
+from kv_updater import Accepted, KVUpdater, Rejected
+from kv_updater.commit import BatchOutcome
+from kv_updater.settings import UpdaterSettings
+
+T = TypeVar("T")
+
+SEED_MESSAGE = b"""{
+"type": "key",
+"updated": "2023-10-01T12:00:00Z",
+"valid": "2023-10-01T12:05:32Z",
+"values": {
+"field1": "value1",
+"field2": "value2"
+}
+}"""
+SEED_STORED = (
+    b'{"updated":"2023-10-01T12:00:00Z","valid":"2023-10-01T12:05:32Z",'
+    b'"values":{"field1":"value1","field2":"value2"}}'
+)
+NAMESPACE_KEYS = {b"kvupdater:seq", b"kvupdater:index", b"kvupdater:instants"}
+
+
+def settings_for(redis_url: str, **overrides: Any) -> UpdaterSettings:
+    """Updater settings for a test; keyword names are the settings' keys (``validate``...)."""
+    return UpdaterSettings.model_validate({"redis_url": redis_url, **overrides})
+
+
+def message(
+    type_: str,
+    updated: str = "2023-10-01T12:00:00Z",
+    values: dict[str, Any] | None = None,
+    valid: str | None = None,
+    **extra: Any,
+) -> bytes:
+    doc: dict[str, Any] = {"type": type_, "updated": updated}
+    if valid is not None:
+        doc["valid"] = valid
+    doc["values"] = {"v": 1} if values is None else values
+    doc.update(extra)
+    return orjson.dumps(doc)
+
+
+def stored_of(updated: str, values: dict[str, Any], valid: str | None = None) -> bytes:
+    return orjson.dumps({"updated": updated, "valid": valid, "values": values})
+
+
+# -- an instant oracle, independent of kv_updater.instant -----------------------------
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def instant(text: str) -> Decimal:
+    """Seconds since the epoch, exactly, of an RFC 3339 date-time (the tests' oracle)."""
+    m = _RFC3339.fullmatch(text)
+    assert m is not None, text
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    whole = calendar.timegm((year, month, day, hour, minute, min(second, 59), 0, 0, 0))
+    whole += second - min(second, 59)  # a leap second is one second after :59
+    offset = m.group(8)
+    if offset not in ("Z", "z"):
+        sign = 1 if offset[0] == "+" else -1
+        whole -= sign * (int(offset[1:3]) * 3600 + int(offset[4:6]) * 60)
+    return whole + Decimal("0" + (m.group(7) or ".0"))
+
+
+def expected_final(stream: Iterable[bytes]) -> dict[str, bytes]:
+    """Per type, the stored value the DESIGN's rules must leave after ``stream`` (in order):
+    the latest instant wins, and on equal instants the later arrival."""
+    best: dict[str, tuple[Decimal, bytes]] = {}
+    for raw in stream:
+        doc = orjson.loads(raw)
+        at = instant(doc["updated"])
+        held = best.get(doc["type"])
+        if held is None or at >= held[0]:
+            best[doc["type"]] = (at, stored_of(doc["updated"], doc["values"], doc.get("valid")))
+    return {type_: value for type_, (_, value) in best.items()}
+
+
+# -- running things -------------------------------------------------------------------
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(factory())
+
+
+class Persister:
+    """One updater and one event loop for many persist_data / commit calls."""
+
+    def __init__(self, settings: UpdaterSettings) -> None:
+        self.runner = asyncio.Runner()
+        self.updater = KVUpdater(settings=settings)
+
+    def __call__(self, raw: bytes | str) -> BatchOutcome | Rejected:
+        return self.runner.run(self.updater.persist_data(raw))
+
+    def ok(self, raw: bytes | str) -> int:
+        """persist_data of a message that must be accepted; its status (seq, 0 or -1)."""
+        result = self(raw)
+        assert isinstance(result, BatchOutcome), result
+        (status,) = result.statuses
+        return status
+
+    def commit(self, raws: Sequence[bytes]) -> BatchOutcome:
+        """Parse ``raws`` with the updater's rules and commit them as one atomic batch."""
+        batch = []
+        for raw in raws:
+            parsed = self.updater.rules.parse(raw)
+            assert isinstance(parsed, Accepted), parsed
+            batch.append(parsed)
+        return self.runner.run(self.updater.committer.commit(batch))
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.updater.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    def close(self) -> None:
+        self.runner.run(self.updater.client.aclose())
+        self.runner.close()
+
+    def __enter__(self) -> Persister:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InProcessUpdater:
+    """``KVUpdater.run()`` on an event loop of its own thread, stopped like SIGTERM does."""
+
+    def __init__(self, settings: UpdaterSettings) -> None:
+        self.updater = KVUpdater(settings=settings)
+        self.loop = asyncio.new_event_loop()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="kv-updater-test", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.loop.run_until_complete(self.updater.run())
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.loop.close()
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.updater.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    def start(self) -> InProcessUpdater:
+        self.thread.start()
+        wait_until(lambda: self.updater.ready or not self.thread.is_alive(), 15, message="ready")
+        assert self.thread.is_alive(), f"updater died: {self.error!r}"
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.updater.stop)
+            self.thread.join(timeout)
+        assert not self.thread.is_alive(), "updater did not stop"
+        assert self.error is None, f"run() raised {self.error!r}"
+
+    def __enter__(self) -> InProcessUpdater:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Listener:
+    """Collects every payload published on a channel, from a thread of its own."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.pubsub = client.pubsub()
+        self.pubsub.subscribe(channel)
+        wait_until(self._confirmed, 10, message=f"subscription to {channel}")
+        self.payloads: list[bytes] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.thread.start()
+
+    def _confirmed(self) -> bool:
+        msg = self.pubsub.get_message(timeout=0.1)
+        return msg is not None and msg["type"] == "subscribe"
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            msg = self.pubsub.get_message(timeout=0.05)
+            if msg is not None and msg["type"] == "message":
+                self.payloads.append(msg["data"])
+
+    def wait_count(self, count: int, timeout: float = 15.0) -> list[bytes]:
+        wait_until(lambda: len(self.payloads) >= count, timeout, message=f"{count} notifications")
+        return list(self.payloads)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.pubsub.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def publish_all(
+    client: redis.Redis, channel: str, payloads: Sequence[bytes], chunk: int = 2000
+) -> list[int]:
+    """PUBLISH every payload, pipelined; returns each one's receiver count."""
+    receivers: list[int] = []
+    for start in range(0, len(payloads), chunk):
+        pipe = client.pipeline(transaction=False)
+        for payload in payloads[start : start + chunk]:
+            pipe.publish(channel, payload)
+        receivers += [int(n) for n in pipe.execute()]
+    return receivers
+
+
+def data_keys(client: redis.Redis) -> set[bytes]:
+    return {k for k in client.keys("*") if not k.startswith(b"kvupdater:")}
+
+
+def check_commit_bookkeeping(client: redis.Redis, notes: list[bytes]) -> dict[str, dict[str, Any]]:
+    """The contract between seq, index, stored values and notifications, for a finished run.
+
+    Returns the last notification of every type.
+    """
+    docs = [orjson.loads(n) for n in notes]
+    seqs = [d["seq"] for d in docs]
+    assert sorted(seqs) == list(range(1, len(docs) + 1)), "one notification per seq, no gap"
+    assert int(client.get("kvupdater:seq") or 0) == len(docs)
+    last: dict[str, dict[str, Any]] = {}
+    for doc in sorted(docs, key=lambda d: d["seq"]):
+        before = last.get(doc["type"])
+        if before is not None:
+            assert instant(doc["updated"]) >= instant(before["updated"]), "a commit went back"
+        last[doc["type"]] = doc
+    index = {k.decode(): int(s) for k, s in client.zrange("kvupdater:index", 0, -1, withscores=True)}
+    assert index == {t: d["seq"] for t, d in last.items()}
+    for type_, doc in last.items():
+        stored = {k: doc[k] for k in ("updated", "valid", "values")}
+        assert client.get(type_) == orjson.dumps(stored)
+    return last
+
+
+# -- processes and HTTP ---------------------------------------------------------------
+def updater_process(redis_url: str, *args: str, env: dict[str, str] | None = None,
+                    cwd: Path | None = None) -> Service:
+    return Service("kv_updater", ["--redis-url", redis_url, *args], env=env, cwd=cwd)
+
+
+def run_cli(args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``python -m kv_updater ...`` to completion, stdout and stderr apart."""
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if k != "CONFIG_FILE"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "kv_updater", *args],
+        capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout,
+        check=False,
+    )
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""
+
+
+def scrape(port: int, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample of the Prometheus text on ``/metrics`` (None when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(port, "/metrics")
+    if status != 200:
+        return None
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == (labels or {}):
+                return float(sample.value)
+    return None
+
+
+@contextlib.contextmanager
+def acl_user(client: redis.Redis, user: str, password: str) -> Iterator[None]:
+    client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+    try:
+        yield
+    finally:
+        client.execute_command("ACL", "DELUSER", user)
