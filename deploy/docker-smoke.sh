@@ -135,7 +135,7 @@ fi
 
 # ---- 2. the image
 say "building $TAG"
-docker build --pull=false "${BUILD_ARGS[@]}" -t "$TAG" "$ROOT" >"$ROOT/build/docker-smoke-build.log" 2>&1 \
+docker build --pull=false --force-rm "${BUILD_ARGS[@]}" -t "$TAG" "$ROOT" >"$ROOT/build/docker-smoke-build.log" 2>&1 \
   || { tail -40 "$ROOT/build/docker-smoke-build.log" >&2; fail "docker build failed (build/docker-smoke-build.log)"; }
 say "image built: $(docker image inspect --format '{{.Size}}' "$TAG" | awk '{printf "%.0f MB", $1/1e6}')"
 docker run --rm --pull never --network none "$TAG" sh -c \
