@@ -91,7 +91,7 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for client in self._clients():
             client.closed = True
@@ -203,9 +203,14 @@ class Hub:
         while not self._stopping:
             try:
                 sub = await Subscription.open(
-                    self.redis_url, self.channel, client_name="api-server", timeout=5.0
+                    self.redis_url, self.channel, client_name="api-server", connect_timeout=5.0
                 )
             except _LOST as exc:
+                self.outage.failed(exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            except Exception as exc:  # a bug must not end the subscription for good
+                log.exception("subscribing failed unexpectedly")
                 self.outage.failed(exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
@@ -223,6 +228,10 @@ class Hub:
             except _LOST as exc:
                 if not self._stopping:
                     self.outage.failed(exc)
+            except Exception as exc:
+                log.exception("commit subscription failed unexpectedly")
+                self.outage.failed(exc)
+                await asyncio.sleep(backoff.next_delay())
             finally:
                 self.subscribed = False
                 self._sub = None
