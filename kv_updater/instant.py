@@ -22,8 +22,9 @@ from __future__ import annotations
 import re
 from datetime import date
 
-_MINUTE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}")
-_OFFSET = re.compile(r"[+-]\d{2}:\d{2}")
+# [0-9], not \d: \d also matches other scripts' digits, which int() would then accept.
+_MINUTE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}")
+_OFFSET = re.compile(r"[+-][0-9]{2}:[0-9]{2}")
 _BIAS_SECONDS = 86_400 + 10**11
 _MINUTE_CACHE_MAX = 65_536
 _minute_seconds: dict[str, int] = {}

@@ -152,6 +152,9 @@ class MessageRules:
                 raw.decode("utf-8")
             except UnicodeDecodeError as bad:
                 return Rejected("invalid_utf8", f"not UTF-8 at byte {bad.start}")
+            if "depth limit" in str(exc):
+                # Valid JSON nested beyond orjson's own limit (1024) is too deep, not undecodable.
+                return Rejected("too_deep", f"nested deeper than {MAX_DEPTH} levels")
             return Rejected("invalid_json", str(exc)[:200])
         # Counting brackets is cheap; the walk only runs when they could nest too deep.
         if (raw.count(b"{") + raw.count(b"[") > MAX_DEPTH) and _depth_exceeds(doc, MAX_DEPTH):
@@ -176,7 +179,8 @@ class MessageRules:
         except InvalidInstant as exc:
             return Rejected("bad_updated", f"updated: {exc}")
         valid = doc.get("valid")
-        if valid is not None and valid not in self._valid_seen:
+        # type() first: a list or an object here is unhashable and must not reach the set.
+        if valid is not None and (type(valid) is not str or valid not in self._valid_seen):
             if type(valid) is not str:
                 return Rejected("bad_valid", f"valid {_show(valid)} is not a date-time string")
             try:
