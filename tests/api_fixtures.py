@@ -44,6 +44,9 @@ class Api:
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(self.base + path, timeout=10, **kwargs)
 
+    def get_options(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.options(self.base + path, timeout=10, **kwargs)
+
     def stats(self, collect: bool = False, token: str | None = None) -> dict[str, Any]:
         params = {"collect": "true"} if collect else {}
         if token:
@@ -131,27 +134,33 @@ class Writer:
         await self.client.aclose()
 
 
+async def commit_types(
+    redis_url: str, types: Sequence[str], log: CommitLog | None = None
+) -> CommitLog:
+    """One commit per type, in one atomic batch."""
+    writer = Writer(redis_url, log)
+    try:
+        await writer.commit([message(t, writer.log.next_n()) for t in types])
+    finally:
+        await writer.close()
+    return writer.log
+
+
 def commit_sync(redis_url: str, types: Sequence[str], log: CommitLog | None = None) -> CommitLog:
-    """One commit per type, from synchronous test code."""
-    async def run() -> CommitLog:
-        writer = Writer(redis_url, log)
-        try:
-            await writer.commit([message(t, writer.log.next_n()) for t in types])
-        finally:
-            await writer.close()
-        return writer.log
-    return asyncio.run(run())
+    """commit_types from synchronous test code."""
+    return asyncio.run(commit_types(redis_url, types, log))
 
 
 def kv_state(r: redis.Redis, types: frozenset[str] | None = None) -> dict[str, dict[str, Any]]:
     """What the KV holds now, as commit documents keyed by type (index members only)."""
     state: dict[str, dict[str, Any]] = {}
-    for name, score in r.zrange(LAYOUT.index, 0, -1, withscores=True):
+    pairs: list[Any] = r.zrange(LAYOUT.index, 0, -1, withscores=True)
+    for name, score in pairs:
         type_ = name.decode()
         if types is not None and type_ not in types:
             continue
-        stored = r.get(LAYOUT.data_key(type_))
-        assert stored is not None
+        stored: Any = r.get(LAYOUT.data_key(type_))
+        assert isinstance(stored, bytes)
         state[type_] = json.loads(render_event(json.dumps(type_).encode(), stored, int(score)))
     return state
 
@@ -333,3 +342,20 @@ def check_against_log(follower: Follower, log: CommitLog) -> None:
     for seq, data in follower.raw.items():
         assert seq in log.by_seq, f"event {seq} is no commit of this test"
         assert data.encode() == log.by_seq[seq][1], f"event {seq} differs from its commit"
+
+
+@contextlib.contextmanager
+def persistent_redis() -> Iterator[Any]:
+    """A Redis of the test's own that keeps its data across a restart (AOF on)."""
+    from harness import chosen_backend, dispose, make_redis
+
+    backend = chosen_backend()
+    if backend == "external":
+        import pytest
+
+        pytest.skip("an external TEST_REDIS_URL cannot be restarted")
+    server = make_redis(backend, ["--appendonly", "yes", "--appendfsync", "always"])
+    try:
+        yield server
+    finally:
+        dispose(server)
