@@ -145,7 +145,7 @@
       valid: el.querySelector(".valid"),
       state: el.querySelector(".state"),
       seqEl: el.querySelector(".seq"),
-      rows: new Map(), // field -> { dd, text }
+      rows: new Map(), // field -> { dd, text, value }
       fields: "",
       seq: null, updatedAt: NaN, validAt: null,
       expired: false, flip: false,
@@ -178,7 +178,7 @@
         dt.title = n;
         const dd = document.createElement("dd");
         card.values.append(dt, dd);
-        card.rows.set(n, { dd, text: undefined });
+        card.rows.set(n, { dd, text: undefined, value: undefined });
       }
       if (!names.length) {
         const none = document.createElement("dd");
@@ -190,11 +190,18 @@
     }
     for (const n of names) {
       const row = card.rows.get(n);
-      const text = JSON.stringify(values[n]);
+      const value = values[n];
+      const text = JSON.stringify(value);
       if (text === row.text) continue; // unchanged values cost nothing
+      const before = row.value;
       row.text = text;
-      renderValue(row.dd, n, values[n]);
-      if (animate) row.dd.classList.add(card.flip ? "changed-a" : "changed-b");
+      row.value = value;
+      renderValue(row.dd, n, value);
+      if (animate) {
+        const how = typeof value === "number" && typeof before === "number"
+          ? (value > before ? "up" : "down") : "chg";
+        row.dd.classList.add(`${how}-${card.flip ? "a" : "b"}`);
+      }
     }
   }
 
@@ -223,7 +230,11 @@
   // Relative times and the expired state: re-evaluated on a timer too, because a
   // value expires when its `valid` instant passes, with or without a new event.
   function refreshCard(card, now) {
-    const updated = Number.isNaN(card.updatedAt) ? "–" : `${clock(card.updatedAt)} · ${relative(now - card.updatedAt)}${now - card.updatedAt >= 1000 ? " ago" : ""}`;
+    let updated = "–";
+    if (!Number.isNaN(card.updatedAt)) {
+      const age = relative(now - card.updatedAt);
+      updated = `${clock(card.updatedAt)} · ${age === "now" ? age : `${age} ago`}`;
+    }
     let valid, expired;
     if (card.validAt === null || Number.isNaN(card.validAt)) {
       valid = "no expiry";
@@ -265,6 +276,7 @@
     frame = 0;
     for (const d of pending.values()) applyUpdate(d);
     pending.clear();
+    if (lastEventId) stat.seq.textContent = lastEventId;
   }
 
   function schedule() {
@@ -315,7 +327,7 @@
         // or 401): reconnect ourselves with capped backoff.
         source.close();
         scheduleReconnect();
-      } else {
+      } else if (connEl.dataset.state !== "unauthorized") {
         setConn("reconnecting"); // the browser retries by itself
       }
     });
@@ -324,7 +336,8 @@
   function scheduleReconnect() {
     attempt += 1;
     const delay = Math.min(15000, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() * 0.5);
-    setConn("reconnecting");
+    // A refused token stays on display until a connection opens again.
+    if (connEl.dataset.state !== "unauthorized") setConn("reconnecting");
     retryTimer = setTimeout(connect, delay);
     // Tell a wrong or missing token apart from an outage.
     fetch(apiUrl("keys"), { cache: "no-store" }).then((resp) => {
@@ -346,7 +359,6 @@
     stat.expired.textContent = numberFmt.format(expired);
     stat.rate.textContent = numberFmt.format(eventsThisSecond);
     eventsThisSecond = 0;
-    if (lastEventId) stat.seq.textContent = lastEventId;
   }
   setInterval(tick, 1000);
 
