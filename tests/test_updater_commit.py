@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -10,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
 from harness import wait_until
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from updater_fixtures import (
     NAMESPACE_KEYS,
@@ -69,7 +70,9 @@ def test_absent_valid_is_stored_as_null_and_unknown_fields_are_not_stored(
 ) -> None:
     raw = message("t", values={"a": [1, {"b": None}]}, source="x", seq=99, type_extra=True)
     assert persist.ok(raw) == 1
-    assert r.get("t") == b'{"updated":"2023-10-01T12:00:00Z","valid":null,"values":{"a":[1,{"b":null}]}}'
+    assert r.get("t") == (
+        b'{"updated":"2023-10-01T12:00:00Z","valid":null,"values":{"a":[1,{"b":null}]}}'
+    )
 
 
 def test_strings_are_stored_as_received_not_normalised(persist: Persister, r: redis.Redis) -> None:
@@ -85,7 +88,8 @@ def test_strings_are_stored_as_received_not_normalised(persist: Persister, r: re
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 
@@ -214,7 +218,7 @@ def test_shuffled_streams_in_any_batching_end_at_the_latest_instant(
     bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
     with Listener(client, "update:stored") as stored, Persister(settings_for(redis_url)) as p:
         committed = 0
-        for start, end in zip(bounds, bounds[1:], strict=False):
+        for start, end in itertools.pairwise(bounds):
             committed += p.commit(stream[start:end]).committed
         assert p.commit([stream[-1]]).committed == 0  # the last arrival is in
         notes = stored.wait_count(committed)

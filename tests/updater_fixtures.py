@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis
@@ -88,6 +88,20 @@ def instant(text: str) -> Decimal:
         sign = 1 if offset[0] == "+" else -1
         whole -= sign * (int(offset[1:3]) * 3600 + int(offset[4:6]) * 60)
     return whole + Decimal("0" + (m.group(7) or ".0"))
+
+
+def is_rfc3339(text: str) -> bool:
+    """Whether ``text`` is an RFC 3339 date-time with offset (the tests' oracle)."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        return False
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    offset = m.group(8)
+    if len(offset) == 6 and (int(offset[1:3]) > 23 or int(offset[4:6]) > 59):
+        return False
+    if not (year >= 1 and 1 <= month <= 12 and hour <= 23 and minute <= 59 and second <= 60):
+        return False
+    return 1 <= day <= calendar.monthrange(year, month)[1]
 
 
 def expected_final(stream: Iterable[bytes]) -> dict[str, bytes]:
@@ -194,7 +208,7 @@ class Listener:
     """Collects every payload published on a channel, from a thread of its own."""
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
-        self.pubsub = client.pubsub()
+        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         self.pubsub.subscribe(channel)
         wait_until(self._confirmed, 10, message=f"subscription to {channel}")
         self.payloads: list[bytes] = []
@@ -241,8 +255,30 @@ def publish_all(
     return receivers
 
 
+def all_keys(client: redis.Redis) -> set[bytes]:
+    return set(cast(list[bytes], client.keys("*")))
+
+
 def data_keys(client: redis.Redis) -> set[bytes]:
-    return {k for k in client.keys("*") if not k.startswith(b"kvupdater:")}
+    return {k for k in all_keys(client) if not k.startswith(b"kvupdater:")}
+
+
+def index_of(client: redis.Redis) -> dict[str, int]:
+    """``kvupdater:index`` as type -> seq."""
+    pairs = cast(
+        list[tuple[bytes, float]], client.zrange("kvupdater:index", 0, -1, withscores=True)
+    )
+    return {k.decode(): int(s) for k, s in pairs}
+
+
+def stream_entries(client: redis.Redis, name: str) -> list[dict[bytes, bytes]]:
+    """The fields of every entry of a stream, oldest first."""
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(name, "-", "+"))
+    return [fields for _, fields in entries]
+
+
+def command(client: redis.Redis, *args: str) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 def check_commit_bookkeeping(client: redis.Redis, notes: list[bytes]) -> dict[str, dict[str, Any]]:
@@ -260,8 +296,7 @@ def check_commit_bookkeeping(client: redis.Redis, notes: list[bytes]) -> dict[st
         if before is not None:
             assert instant(doc["updated"]) >= instant(before["updated"]), "a commit went back"
         last[doc["type"]] = doc
-    index = {k.decode(): int(s) for k, s in client.zrange("kvupdater:index", 0, -1, withscores=True)}
-    assert index == {t: d["seq"] for t, d in last.items()}
+    assert index_of(client) == {t: d["seq"] for t, d in last.items()}
     for type_, doc in last.items():
         stored = {k: doc[k] for k in ("updated", "valid", "values")}
         assert client.get(type_) == orjson.dumps(stored)
@@ -290,7 +325,7 @@ def run_cli(args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
             return int(resp.status), resp.read().decode()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read().decode()
@@ -314,8 +349,8 @@ def scrape(port: int, name: str, labels: dict[str, str] | None = None) -> float 
 
 @contextlib.contextmanager
 def acl_user(client: redis.Redis, user: str, password: str) -> Iterator[None]:
-    client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+    command(client, "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
     try:
         yield
     finally:
-        client.execute_command("ACL", "DELUSER", user)
+        command(client, "ACL", "DELUSER", user)
