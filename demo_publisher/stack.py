@@ -46,6 +46,7 @@ import redis
 from kv_updater.settings import mask_url
 
 PROG = "demo"
+DEFAULT_PORT = 8000
 STOP_GRACE_S = 10.0
 START_TIMEOUT_S = 60.0
 # Redis's default for pub/sub clients is 32 MB hard / 8 MB for 60 s; a demo run
@@ -281,7 +282,11 @@ class Stack:
     def start(self) -> str:
         a = self.args
         host_for_url = "127.0.0.1" if a.host in ("0.0.0.0", "::", "") else a.host  # noqa: S104
-        port = a.port or _free_port(host_for_url)
+        if a.port is None:
+            # The usual port when it is free, any free one otherwise: the URL is printed.
+            port = DEFAULT_PORT if _port_free(a.host, DEFAULT_PORT) else _free_port(host_for_url)
+        else:
+            port = a.port or _free_port(host_for_url)
         if not _port_free(a.host, port):
             raise StartFailed(
                 f"port {port} on {a.host} is in use; choose another with --port "
@@ -369,8 +374,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Run the whole chain locally: Redis, kv_updater, api_server and "
         "demo_publisher, with the live dashboard.",
     )
-    parser.add_argument("--port", type=int, default=8000,
-                        help="port of the api_server and dashboard (default 8000; 0 = a free one)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"port of the api_server and dashboard (default {DEFAULT_PORT}, "
+                             "or a free one when that is taken; 0 = a free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the api_server binds (default 127.0.0.1; "
                              "0.0.0.0 to show the dashboard to other machines)")
@@ -383,7 +389,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="",
                         help="log level of the services (default: theirs, INFO)")
     args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
+    if args.port is not None and not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
     if args.rate < 0 or args.keys < 1:
         parser.error("--rate must be >= 0 and --keys >= 1")
