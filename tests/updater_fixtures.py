@@ -255,6 +255,17 @@ def publish_all(
     return receivers
 
 
+def subscribers(client: redis.Redis, channel: str) -> int:
+    """How many clients Redis counts as subscribed to ``channel``."""
+    return int(cast(list[tuple[bytes, int]], client.pubsub_numsub(channel))[0][1])
+
+
+def wait_subscribed(client: redis.Redis, channel: str, count: int = 1,
+                    timeout: float = 15.0) -> None:
+    wait_until(lambda: subscribers(client, channel) >= count, timeout,
+               message=f"{count} subscriber(s) on {channel}")
+
+
 def all_keys(client: redis.Redis) -> set[bytes]:
     return set(cast(list[bytes], client.keys("*")))
 
