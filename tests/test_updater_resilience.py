@@ -1,0 +1,182 @@
+"""Redis going away and coming back, bursts, and a subscriber dropped by Redis."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import cast
+
+import orjson
+import pytest
+import redis
+from harness import RedisServer, free_port, wait_until
+from updater_fixtures import (
+    data_keys,
+    expected_final,
+    http_get,
+    message,
+    publish_all,
+    scrape,
+    updater_process,
+    wait_subscribed,
+)
+
+BASE = datetime(2023, 10, 1, 12, 0, tzinfo=UTC)
+
+
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.split()[2:3] == ["ERROR"]]
+
+
+def ready_status(port: int) -> int:
+    return http_get(port, "/ready")[0]
+
+
+class Publisher:
+    """Publishes updates of a few keys non-stop, riding out Redis outages."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.count = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        client = redis.Redis.from_url(self.url, socket_timeout=2)
+        while not self.stop.is_set():
+            n = self.count
+            try:
+                publish_all(client, "update", [message(
+                    f"k{n % 5}", updated=(BASE + timedelta(milliseconds=n)).isoformat(),
+                    values={"n": n})])
+            except redis.RedisError:
+                self.stop.wait(0.05)  # pacing while Redis is away, not synchronisation
+                continue
+            self.count += 1
+            self.stop.wait(0.002)
+        client.close()
+
+    def __enter__(self) -> Publisher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.mark.slow
+def test_redis_restarts_mid_stream_are_survived(own_redis: RedisServer) -> None:
+    """Each outage: one ERROR (however many retries), /ready 503, then an INFO when
+    back, /ready 200, and later messages land."""
+    port = free_port()
+    args = ["--metrics-port", str(port), "--log-level", "DEBUG"]
+    with updater_process(own_redis.url, *args) as svc, Publisher(own_redis.url) as pub:
+        wait_until(lambda: ready_status(port) == 200, 15, message="ready")
+        client = own_redis.client()
+        wait_until(lambda: client.exists("k4"), 10, message="the stream flowing")
+        client.close()
+
+        # Outage 1: down long enough for several retries.
+        own_redis.stop()
+        wait_until(lambda: ready_status(port) == 503, 15, message="/ready 503 while down")
+        wait_until(lambda: svc.log.count("still unavailable") >= 2, 15, message="retries")
+        assert http_get(port, "/live")[0] == 200  # alive, just not ready
+        own_redis.start()
+        wait_until(lambda: ready_status(port) == 200, 20, message="/ready 200 when back")
+        svc.wait_log("Redis is back")
+
+        # Outage 2: a quick restart.
+        own_redis.restart()
+        wait_until(lambda: svc.log.count("Redis is back") == 2, 30, message="back again")
+        wait_until(lambda: ready_status(port) == 200, 20, message="/ready 200 again")
+
+        # Later messages land (the restarted Redis holds nothing of before).
+        client = own_redis.client()
+        wait_subscribed(client, "update")
+        sent = pub.count
+        wait_until(lambda: max(_stored_n(client, f"k{i}") for i in range(5)) > sent, 15,
+                   message="messages published after the restart")
+        assert scrape(port, "kvupdater_reconnects_total") == 2
+        client.close()
+    errors = error_lines(svc.log)
+    assert len(errors) == 2, "\n".join(errors)  # one per outage, not one per retry
+    assert all("Redis unavailable" in line for line in errors)
+    assert all("restarted" in line or "unreachable" in line for line in errors), errors
+
+
+def _stored_n(client: redis.Redis, key: str) -> int:
+    raw = cast(bytes | None, client.get(key))
+    return -1 if raw is None else int(orjson.loads(raw)["values"]["n"])
+
+
+@pytest.fixture
+def small_pubsub_buffer(r: redis.Redis) -> Iterator[None]:
+    """client-output-buffer-limit for pubsub of 1 MiB, restored afterwards."""
+    before = cast(dict[str, str], r.config_get("client-output-buffer-limit"))
+    r.config_set("client-output-buffer-limit", "pubsub 1mb 1mb 0")
+    try:
+        yield
+    finally:
+        r.config_set("client-output-buffer-limit", before["client-output-buffer-limit"])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("small_pubsub_buffer")
+def test_a_subscriber_dropped_for_its_output_buffer_says_so_and_resubscribes(
+    redis_url: str, r: redis.Redis
+) -> None:
+    port = free_port()
+    with updater_process(redis_url, "--metrics-port", str(port)) as svc:
+        wait_subscribed(r, "update")
+        assert svc.proc is not None
+        svc.signal(signal.SIGSTOP)  # an updater that falls behind, at its worst
+        try:
+            pad = "x" * 1000
+            publish_all(r, "update", [message(f"k{i % 100}", values={"pad": pad, "i": i})
+                                      for i in range(30_000)])
+            wait_until(lambda: _updater_subscribers(r) == 0, 15,
+                       message="Redis dropping the subscriber")
+        finally:
+            svc.signal(signal.SIGCONT)
+        wait_until(lambda: scrape(port, "kvupdater_reconnects_total") == 1, 15,
+                   message="one reconnect")
+        wait_subscribed(r, "update")
+        publish_all(r, "update", [message("after")])
+        wait_until(partial(r.exists, "after"), 10, message="a message after the drop")
+        svc.wait_log("Redis is back")
+        (error,) = error_lines(svc.log)
+    assert "client-output-buffer-limit" in error
+
+
+def _updater_subscribers(r: redis.Redis) -> int:
+    clients = cast(list[dict[str, object]], r.client_list())
+    return sum(1 for c in clients if c.get("name") == "kv-updater" and c.get("sub") == "1")
+
+
+@pytest.mark.slow
+def test_a_burst_does_not_get_the_updater_dropped(redis_url: str, r: redis.Redis) -> None:
+    """50k messages (about 40 MB, over Redis's default 32 MB pubsub hard limit) published
+    as fast as a pipeline goes: never dropped, every key ends at its last value."""
+    port = free_port()
+    pad = "p" * 640
+    stream = [message(f"burst{i % 1000}", updated=(BASE + timedelta(milliseconds=i)).isoformat(),
+                      values={"i": i, "pad": pad}) for i in range(50_000)]
+    assert sum(map(len, stream)) > 32 * 1024 * 1024
+    with updater_process(redis_url, "--metrics-port", str(port)) as svc:
+        wait_subscribed(r, "update")
+        assert set(publish_all(r, "update", stream, chunk=10_000)) == {1}
+        wait_until(lambda: scrape(port, "kvupdater_messages_received_total") == len(stream), 60,
+                   message="every message received")
+        wait_until(lambda: sum(scrape(port, f"kvupdater_messages_{w}_total") or 0 for w in (
+            "committed", "superseded", "stale", "unchanged")) == len(stream), 30,
+            message="every message committed or superseded")
+        assert scrape(port, "kvupdater_reconnects_total") == 0
+        assert scrape(port, "kvupdater_validation_failures_total") == 0
+        assert error_lines(svc.log) == []
+    final = expected_final(stream)
+    assert len(final) == 1000
+    assert {k.decode(): r.get(k) for k in data_keys(r)} == final
