@@ -1,0 +1,176 @@
+"""Post-write validation: on by default, summarised at INFO, a mismatch is an ERROR + metric.
+
+A mismatch needs a foreign write landing between the commit and its read-back, which
+travel in one pipelined write.  A small TCP proxy between the updater and Redis holds
+back the read-back of one batch until a test-controlled write has landed: the real
+updater, the real Redis and a real race, made deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import pytest
+import redis
+from harness import RedisServer, free_port, wait_until
+from updater_fixtures import (
+    InProcessUpdater,
+    Persister,
+    message,
+    publish_all,
+    settings_for,
+    stored_of,
+)
+
+READBACK = re.compile(rb"\*\d+\r\n\$4\r\nMGET\r\n")
+
+
+class ReadBackProxy:
+    """Forwards TCP to Redis; when armed, runs ``action`` between a commit and its read-back."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.port = free_port()
+        self.action: Callable[[], object] | None = None
+        self.fired = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._server: asyncio.Server | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._started.set()
+        self.loop.run_forever()
+        self._server.close()
+        self.loop.run_until_complete(self._server.wait_closed())
+        self.loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, hold: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    match = READBACK.search(data) if hold and self.action else None
+                    if match is not None and self.action is not None:
+                        action, self.action = self.action, None
+                        dst.write(data[: match.start()])  # the commit goes on...
+                        await dst.drain()
+                        await asyncio.get_running_loop().run_in_executor(None, action)
+                        self.fired.set()
+                        data = data[match.start() :]  # ...the read-back after the action
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def arm(self, action: Callable[[], object]) -> None:
+        self.fired.clear()
+        self.action = action
+
+    def __enter__(self) -> ReadBackProxy:
+        self.thread.start()
+        self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[ReadBackProxy]:
+    with ReadBackProxy(redis_server.host, redis_server.port) as p:
+        yield p
+
+
+def _once_committed(r: redis.Redis, key: str, value: bytes, then: Callable[[], object]) -> None:
+    """Wait for the commit of ``value`` to be in Redis, then do ``then``."""
+    wait_until(lambda: r.get(key) == value, 10, message=f"the commit of {key}")
+    then()
+
+
+def test_a_foreign_write_between_commit_and_read_back_is_an_error_and_a_metric(
+    proxy: ReadBackProxy, redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kv_updater")
+    with InProcessUpdater(settings_for(proxy.url)) as up:
+        publish_all(r, "update", [message("fine")])
+        wait_until(lambda: up.metric("kvupdater_validations_total") == 1, 10, message="1 check")
+        written = stored_of("2023-10-01T12:00:00Z", {"v": 1})
+        proxy.arm(partial(_once_committed, r, "victim", written,
+                          partial(r.set, "victim", b"overwritten by someone else")))
+        publish_all(r, "update", [message("victim")])
+        assert proxy.fired.wait(10)
+        wait_until(lambda: up.metric("kvupdater_validation_failures_total") == 1, 10,
+                   message="the validation failure counted")
+        assert up.metric("kvupdater_validations_total") == 2
+        publish_all(r, "update", [message("later")])  # and the updater carries on
+        wait_until(partial(r.exists, "later"), 10, message="a later message")
+    errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert [rec.getMessage() for rec in errors] == [
+        "validation failed: key 'victim' does not hold what was written"]
+
+
+def test_a_newer_commit_by_another_updater_is_not_a_mismatch(
+    proxy: ReadBackProxy, redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kv_updater")
+    newer = message("contested", updated="2023-10-01T12:00:01Z", values={"by": "other"})
+    with InProcessUpdater(settings_for(proxy.url)) as up, \
+            Persister(settings_for(redis_url)) as other:
+        proxy.arm(partial(_once_committed, r, "contested",
+                          stored_of("2023-10-01T12:00:00Z", {"v": 1}),
+                          partial(other.ok, newer)))
+        publish_all(r, "update", [message("contested")])
+        assert proxy.fired.wait(10)
+        wait_until(lambda: up.metric("kvupdater_validations_total") == 1, 10, message="checked")
+        assert up.metric("kvupdater_validation_failures_total") == 0
+    assert r.get("contested") == stored_of("2023-10-01T12:00:01Z", {"by": "other"})
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+def test_validation_is_on_by_default_and_summarised_at_info(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kv_updater")
+    with InProcessUpdater(settings_for(redis_url)) as up:
+        assert up.updater.validate is True
+        publish_all(r, "update", [message(f"k{i}", values={"i": i}) for i in range(1000)])
+        wait_until(lambda: up.metric("kvupdater_validations_total") == 1000, 15,
+                   message="1000 keys read back")
+    summaries = [rec for rec in caplog.records if "validation success" in rec.getMessage()]
+    assert summaries, "no validation success line"
+    assert {rec.levelno for rec in summaries} == {logging.INFO}
+    assert len(summaries) <= 2, "validation success must be summarised, not per message"
+    assert "1000 keys read back right after 1000 commits" in summaries[-1].getMessage()
+
+
+def test_without_validation_nothing_is_read_back(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kv_updater")
+    with InProcessUpdater(settings_for(redis_url, validate=False)) as up:
+        publish_all(r, "update", [message("a"), message("b")])
+        wait_until(lambda: up.metric("kvupdater_messages_committed_total") == 2, 10,
+                   message="2 commits")
+        assert up.metric("kvupdater_validations_total") == 0
+    texts = [rec.getMessage() for rec in caplog.records]
+    assert not [t for t in texts if "validation success" in t]
+    assert [t for t in texts if t.startswith("committed 2 messages")]
