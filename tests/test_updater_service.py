@@ -59,14 +59,20 @@ def all_accounted(port: int, count: int) -> bool:
     return accounted(port) == (count, count)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("sig", "backlog"),
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-with-a-backlog"],
+)
 def test_a_signal_mid_stream_commits_every_delivered_message(
-    redis_url: str, r: redis.Redis, sig: signal.Signals
+    redis_url: str, r: redis.Redis, sig: signal.Signals, backlog: bool
 ) -> None:
     """Every message Redis delivered before the unsubscribe is committed, then exit 0.
 
     PUBLISH answers how many subscribers got the message: the ones answered 1 went
-    into the updater's connection; each key must end at the last of those.
+    into the updater's connection; each key must end at the last of those.  With a
+    backlog, the updater is paused while 20k messages queue up, then signalled: the
+    unsubscribe confirmation arrives with batches still to commit.
     """
     sent: list[tuple[bytes, int]] = []
     stop = threading.Event()
@@ -89,7 +95,14 @@ def test_a_signal_mid_stream_commits_every_delivered_message(
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
         wait_until(lambda: int(r.get("kvupdater:seq") or 0) > 3000, 30, message="a flowing stream")
-        svc.signal(sig)
+        if backlog:
+            svc.signal(signal.SIGSTOP)
+            queued = len(sent) + 20_000
+            wait_until(lambda: len(sent) >= queued, 30, message="a backlog")
+            svc.signal(sig)
+            svc.signal(signal.SIGCONT)
+        else:
+            svc.signal(sig)
         stop.set()
         assert svc.wait(20) == 0, svc.log
         publisher.join(30)
