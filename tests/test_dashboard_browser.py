@@ -184,6 +184,19 @@ def test_snapshot_then_a_new_publish_within_a_second(
     # Sorted in place: air:lisbon comes first.
     assert page.locator("article.card").first.get_attribute("data-type") == "air:lisbon"
 
+    # The filter box narrows the cards; ?keys= narrows the stream itself.
+    page.fill("#filter", "lisbon")
+    assert page.locator("article.card:not([hidden])").count() == 2
+    page.fill("#filter", "nothing-like-this")
+    assert "No key matches" in page.locator("#empty").inner_text()
+    page.goto(chain.url("?keys=plain,sensor:boiler-9"))
+    card(page, "sensor:boiler-9").wait_for(timeout=5000)
+    card(page, "plain").wait_for(timeout=5000)
+    publish(r, "weather:lisbon", {"city": "Lisbon", "conditions": "filtered out"})
+    publish(r, "plain", {"note": "marker-3"}, valid_in=None)
+    wait_text(page, "plain", "marker-3", 3000)
+    assert page.locator("article.card").count() == 2
+
 
 def test_page_recovers_after_api_server_restart(chain: Chain, r: redis.Redis, page: Any) -> None:
     publish(r, "sensor:pump-1", {"speed_rpm": 1450, "phase": "before"})

@@ -147,8 +147,10 @@
       seqEl: el.querySelector(".seq"),
       rows: new Map(), // field -> { dd, text, value }
       fields: "",
-      seq: null, updatedAt: NaN, validAt: null,
-      expired: false, flip: false,
+      seq: null, data: null, updatedAt: NaN, validAt: null, updatedClock: "", validClock: "",
+      expired: false, flip: false, animate: false,
+      // Painted until the observer says otherwise: a new card is usually on screen.
+      visible: true, dirty: false,
       shown: { updated: "", valid: "" },
     };
     el.hidden = !matches(type);
@@ -159,8 +161,9 @@
     order.splice(lo, 0, type);
     cardsEl.insertBefore(el, next);
     cards.set(type, card);
+    if (observer) observer.observe(el);
     stat.keys.textContent = numberFmt.format(cards.size);
-    emptyEl.hidden = true;
+    if (!el.hidden) emptyEl.hidden = true;
     return card;
   }
 
@@ -205,57 +208,91 @@
     }
   }
 
+  // Data first, DOM second: applyUpdate records the value and the expired state
+  // (cheap, for every card); paint() draws the card, and runs only for cards on or
+  // near the screen.  An off-screen card is marked dirty and painted when it is
+  // scrolled into view, so thousands of keys at high rates cost little DOM work.
   function applyUpdate(d) {
     if (!d || typeof d.type !== "string") return;
     const card = cards.get(d.type) || createCard(d.type);
     if (card.seq !== null && card.seq === d.seq) return; // a replayed duplicate
-    const first = card.seq === null;
+    card.animate = card.seq !== null;
     card.seq = d.seq;
-    card.flip = !card.flip;
+    card.data = d;
     card.updatedAt = Date.parse(d.updated);
     card.validAt = d.valid ? Date.parse(d.valid) : null;
+    // Clock strings change only with the value: formatted once here, not every second.
+    card.updatedClock = Number.isNaN(card.updatedAt) ? "" : clock(card.updatedAt);
+    card.validClock = card.validAt === null || Number.isNaN(card.validAt) ? "" : clock(card.validAt);
+    markExpiry(card, Date.now());
+    if (card.visible) paint(card);
+    else card.dirty = true;
+  }
+
+  function paint(card) {
+    const d = card.data;
+    card.dirty = false;
+    if (!d) return;
+    card.flip = !card.flip;
     card.updated.dateTime = d.updated || "";
     card.updated.title = d.updated || "";
     card.valid.dateTime = d.valid || "";
     card.valid.title = d.valid || "no expiry";
     card.seqEl.textContent = d.seq != null ? `#${d.seq}` : "";
-    renderValues(card, d.values, !first);
-    refreshCard(card, Date.now());
-    if (!first) {
+    renderValues(card, d.values, card.animate);
+    refreshTimes(card, Date.now());
+    if (card.animate) {
       card.el.classList.remove(card.flip ? "flash-b" : "flash-a");
       card.el.classList.add(card.flip ? "flash-a" : "flash-b");
+      card.animate = false;
     }
   }
 
-  // Relative times and the expired state: re-evaluated on a timer too, because a
-  // value expires when its `valid` instant passes, with or without a new event.
-  function refreshCard(card, now) {
-    let updated = "–";
-    if (!Number.isNaN(card.updatedAt)) {
-      const age = relative(now - card.updatedAt);
-      updated = `${clock(card.updatedAt)} · ${age === "now" ? age : `${age} ago`}`;
-    }
-    let valid, expired;
-    if (card.validAt === null || Number.isNaN(card.validAt)) {
-      valid = "no expiry";
-      expired = false;
-    } else {
-      expired = now >= card.validAt;
-      valid = expired ? `expired ${relative(now - card.validAt)} ago` : `until ${clock(card.validAt)} · ${relative(card.validAt - now)} left`;
-    }
-    if (updated !== card.shown.updated) { card.updated.textContent = updated; card.shown.updated = updated; }
-    if (valid !== card.shown.valid) { card.valid.textContent = valid; card.shown.valid = valid; }
-    const state = card.validAt === null ? "no-expiry" : expired ? "expired" : "valid";
-    if (state !== card.state.dataset.state) {
-      card.state.dataset.state = state;
-      card.state.textContent = state === "no-expiry" ? "no expiry" : state;
-    }
+  // The expired state is kept current on every card, on screen or not, and
+  // re-evaluated by the clock too: a value expires when its `valid` instant
+  // passes, with or without a new event.
+  function markExpiry(card, now) {
+    const hasValid = card.validAt !== null && !Number.isNaN(card.validAt);
+    const expired = hasValid && now >= card.validAt;
     if (expired !== card.expired || card.el.dataset.expired === undefined) {
       card.expired = expired;
       card.el.classList.toggle("expired", expired);
       card.el.dataset.expired = String(expired);
     }
+    const state = !hasValid ? "no-expiry" : expired ? "expired" : "valid";
+    if (state !== card.state.dataset.state) {
+      card.state.dataset.state = state;
+      card.state.textContent = state === "no-expiry" ? "no expiry" : state;
+    }
   }
+
+  // Relative times ("3 s ago", "58 s left"), only for painted cards.
+  function refreshTimes(card, now) {
+    let updated = "–";
+    if (card.updatedClock) {
+      const age = relative(now - card.updatedAt);
+      updated = `${card.updatedClock} · ${age === "now" ? age : `${age} ago`}`;
+    }
+    let valid = "no expiry";
+    if (card.validClock) {
+      valid = now >= card.validAt
+        ? `expired ${relative(now - card.validAt)} ago`
+        : `until ${card.validClock} · ${relative(card.validAt - now)} left`;
+    }
+    if (updated !== card.shown.updated) { card.updated.textContent = updated; card.shown.updated = updated; }
+    if (valid !== card.shown.valid) { card.valid.textContent = valid; card.shown.valid = valid; }
+  }
+
+  const observer = "IntersectionObserver" in window
+    ? new IntersectionObserver((entries) => {
+      for (const entry of entries) {
+        const card = cards.get(entry.target.dataset.type);
+        if (!card) continue;
+        card.visible = entry.isIntersecting;
+        if (card.visible && card.dirty) paint(card);
+      }
+    }, { rootMargin: "400px 0px" })
+    : null;
 
   // ---- filter -----------------------------------------------------------------------
 
@@ -264,8 +301,20 @@
   }
   $("filter").addEventListener("input", (e) => {
     filterText = e.target.value.trim().toLowerCase();
-    for (const card of cards.values()) card.el.hidden = !matches(card.type);
+    let shown = 0;
+    for (const card of cards.values()) {
+      card.el.hidden = !matches(card.type);
+      if (!card.el.hidden) shown += 1;
+    }
+    showEmpty(shown);
   });
+
+  function showEmpty(shown) {
+    emptyEl.hidden = shown > 0;
+    if (!shown) {
+      emptyEl.textContent = cards.size ? `No key matches “${filterText}”.` : "Waiting for the first update…";
+    }
+  }
 
   // ---- drawing: at most once per frame ----------------------------------------------
 
@@ -349,15 +398,21 @@
 
   // ---- the clock: expiry, relative times, rate -----------------------------------------
 
+  let lastTick = performance.now();
+
   function tick() {
     const now = Date.now();
     let expired = 0;
     for (const card of cards.values()) {
-      refreshCard(card, now);
+      markExpiry(card, now);
+      if (card.visible && !card.dirty) refreshTimes(card, now);
       if (card.expired) expired += 1;
     }
     stat.expired.textContent = numberFmt.format(expired);
-    stat.rate.textContent = numberFmt.format(eventsThisSecond);
+    // Per elapsed time, not per tick: a busy page runs its timers late.
+    const t = performance.now();
+    stat.rate.textContent = numberFmt.format(Math.round((eventsThisSecond * 1000) / Math.max(1, t - lastTick)));
+    lastTick = t;
     eventsThisSecond = 0;
   }
   setInterval(tick, 1000);
