@@ -105,7 +105,6 @@ def test_redis_restarts_mid_stream_are_survived(own_redis: RedisServer) -> None:
     errors = error_lines(svc.log)
     assert len(errors) == 2, "\n".join(errors)  # one per outage, not one per retry
     assert all("Redis unavailable" in line for line in errors)
-    assert all("restarted" in line or "unreachable" in line for line in errors), errors
 
 
 def _stored_n(client: redis.Redis, key: str) -> int:
