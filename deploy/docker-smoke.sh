@@ -47,9 +47,12 @@ say() { printf 'docker-smoke: %s\n' "$*" >&2; }
 fail() { say "FAIL: $*"; exit 1; }
 left() { echo $((START + TIMEOUT - $(date +%s))); }
 
+# compose [timeout SECONDS] ARGS...: docker-compose on this run's project
 compose() {
-  CHAIN_IMAGE="$TAG" REDIS_IMAGE="$REDIS_IMAGE" API_PORT="$API_PORT" API_HOST_IP=127.0.0.1 \
-    API_TOKEN="$TOKEN" DEMO_RATE=20 DEMO_KEYS=8 \
+  local limit=()
+  if [ "$1" = timeout ]; then limit=(timeout "$2"); shift 2; fi
+  "${limit[@]}" env CHAIN_IMAGE="$TAG" REDIS_IMAGE="$REDIS_IMAGE" API_PORT="$API_PORT" \
+    API_HOST_IP=127.0.0.1 API_TOKEN="$TOKEN" DEMO_RATE=20 DEMO_KEYS=8 \
     "${COMPOSE_CMD[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"
 }
 
@@ -72,6 +75,9 @@ cleanup() {
   fi
   if [ "${SMOKE_KEEP:-0}" != 1 ]; then
     docker image rm -f "$TAG" >/dev/null 2>&1
+    # the build stage's image, left untagged by the classic builder
+    comm -13 <(printf '%s\n' "${dangling_before:-}") <(docker images -q --filter dangling=true | sort -u) \
+      | xargs -r docker image rm >/dev/null 2>&1
   fi
   if [ "$rc" = 0 ]; then say "PASS in $(( $(date +%s) - START ))s"; else say "exit $rc"; fi
   exit "$rc"
@@ -135,6 +141,7 @@ fi
 
 # ---- 2. the image
 say "building $TAG"
+dangling_before=$(docker images -q --filter dangling=true | sort -u)
 docker build --pull=false --force-rm "${BUILD_ARGS[@]}" -t "$TAG" "$ROOT" >"$ROOT/build/docker-smoke-build.log" 2>&1 \
   || { tail -40 "$ROOT/build/docker-smoke-build.log" >&2; fail "docker build failed (build/docker-smoke-build.log)"; }
 say "image built: $(docker image inspect --format '{{.Size}}' "$TAG" | awk '{printf "%.0f MB", $1/1e6}')"
@@ -146,7 +153,8 @@ docker run --rm --pull never --network none "$TAG" sh -c \
 # ---- 3. the chain: `up -d demo` must start everything it depends on
 say "starting project $PROJECT (api on 127.0.0.1:$API_PORT)"
 STACK_UP=1
-compose up -d --no-build demo || fail "compose up demo failed"
+budget=$(left); [ "$budget" -gt 60 ] || budget=60
+compose timeout "$budget" up -d --no-build demo || fail "compose up demo failed (or took over ${budget}s)"
 compose ps
 
 # ---- 4. /keys fills, /events delivers snapshot then live updates
