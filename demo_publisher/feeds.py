@@ -469,16 +469,23 @@ def _order() -> Iterator[tuple[str, FeedFactory]]:
         yield f"sensor:{name}", partial(factory, name)
 
 
+# Feeds beyond this many share one generator: a Mersenne Twister holds ~5 KB of
+# state, which is 500 MB at 100 000 keys; the shared one costs nothing per key.
+OWN_GENERATORS = 1000
+
+
 def catalog(n: int, seed: int | str | None = None) -> list[Feed]:
     """The first ``n`` feeds.  With a seed, the same seed gives the same values.
 
-    Each feed draws from its own generator seeded by (seed, type), so a feed
-    moves the same way whatever ``n`` is.
+    The first ``OWN_GENERATORS`` feeds each draw from their own generator seeded by
+    (seed, type), so they move the same way whatever ``n`` is; the rest share one.
     """
     base = random.randrange(2**32) if seed is None else seed
+    shared = random.Random(f"{base}:shared")
     feeds: list[Feed] = []
     for type_, make in _order():
         if len(feeds) >= n:
             break
-        feeds.append(make(random.Random(f"{base}:{type_}")))
+        own = len(feeds) < OWN_GENERATORS
+        feeds.append(make(random.Random(f"{base}:{type_}") if own else shared))
     return feeds

@@ -11,7 +11,7 @@ class PublisherSettings(CommonSettings):
     rate: float = Field(
         10.0, ge=0, le=10_000_000, description="messages per second over all keys (0 = flat out)"
     )
-    keys: int = Field(16, ge=1, le=1_000_000, description="how many distinct keys (types) to feed")
+    keys: int = Field(16, ge=1, le=100_000, description="how many distinct keys (types) to feed")
     count: int = Field(0, ge=0, description="stop after this many messages (0 = no limit)")
     duration: float = Field(0.0, ge=0, description="stop after this many seconds (0 = no limit)")
     seed: int | None = Field(None, description="random seed, for repeatable values")

@@ -129,11 +129,20 @@
   const order = []; // sorted types, to insert new cards in place
   let filterText = "";
 
+  // A stable colour per kind (the part before the first ":"): cards of a kind match.
+  function hue(text) {
+    let h = 0;
+    for (let i = 0; i < text.length; i += 1) h = (h * 31 + text.charCodeAt(i)) >>> 0;
+    return h % 360;
+  }
+
   function createCard(type) {
     const el = template.content.firstElementChild.cloneNode(true);
     const colon = type.indexOf(":");
     el.dataset.type = type;
-    el.querySelector(".kind").textContent = colon > 0 ? type.slice(0, colon) : "";
+    const kind = colon > 0 ? type.slice(0, colon) : "";
+    el.querySelector(".kind").textContent = kind;
+    el.style.setProperty("--hue", String(hue(kind || type)));
     const name = el.querySelector(".name");
     name.textContent = colon > 0 ? type.slice(colon + 1) : type;
     name.href = apiUrl(`keys/${encodeURIComponent(type)}`);
