@@ -165,7 +165,8 @@ class UpdaterSettings(RedisLayoutSettings):
 
     @model_validator(mode="after")
     def _dead_letter_not_a_data_key(self) -> UpdaterSettings:
-        if self.dead_letter and self.dead_letter in (self.layout.seq, self.layout.index):
+        own = (self.layout.seq, self.layout.index, self.layout.instants)
+        if self.dead_letter and self.dead_letter in own:
             raise ValueError("dead_letter must not be one of the updater's own keys")
         return self
 

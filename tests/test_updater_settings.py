@@ -141,6 +141,10 @@ BAD = [
     ("same-channels", ["--channel", "x", "--stored-channel", "x"], {}, "stored_channel"),
     ("validate", [], {"VALIDATE": "perhaps"}, "validate"),
     ("config-missing", ["--config", "/nonexistent/config.py"], {}, "config"),
+    # Regression: the dead-letter XADD turned the instants hash into a stream, and every
+    # later commit failed with WRONGTYPE (retried for ever, nothing committed again).
+    ("dead-letter-instants", ["--dead-letter", "kvupdater:instants"], {}, "dead_letter"),
+    ("dead-letter-seq", [], {"DEAD_LETTER": "ns:seq", "NAMESPACE": "ns:"}, "dead_letter"),
 ]
 
 
