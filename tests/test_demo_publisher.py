@@ -201,6 +201,22 @@ def test_redis_down_is_one_error_and_still_stops_cleanly() -> None:
     assert svc.log.count("ERROR") == 1, svc.log
 
 
+def test_redis_restart_is_one_outage_then_publishing_resumes(own_redis: Any) -> None:
+    client = own_redis.client()
+    with Service("demo_publisher", ["--redis-url", own_redis.url, "--rate", "50"]) as svc:
+        pubsub = subscribed(client)
+        collect(pubsub, 3, 15)
+        own_redis.stop()
+        svc.wait_log("Redis unavailable")
+        own_redis.start()
+        svc.wait_log("Redis is back", 20)
+        pubsub = subscribed(own_redis.client())
+        collect(pubsub, 3, 15)
+        svc.signal(signal.SIGTERM)
+        assert svc.wait(10) == 0, svc.log
+    assert svc.log.count("ERROR") == 1, svc.log
+
+
 @pytest.mark.parametrize(
     ("args", "where"),
     [

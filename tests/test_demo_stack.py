@@ -55,9 +55,9 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def keys(base: str) -> list[dict[str, Any]]:
+def keys(base: str, token: str = "") -> list[dict[str, Any]]:
     try:
-        resp = httpx.get(f"{base}/keys", timeout=2)
+        resp = httpx.get(f"{base}/keys", params={"token": token} if token else {}, timeout=2)
     except httpx.HTTPError:
         return []
     return list(resp.json()["keys"]) if resp.status_code == 200 else []
@@ -80,12 +80,13 @@ def read_events(base: str, n: int) -> list[dict[str, Any]]:
     return events
 
 
-def start_stack(port: int, redis_url: str = "", rate: str = "50", keys_n: str = "8") -> Service:
+def start_stack(port: int, redis_url: str = "", rate: str = "50", keys_n: str = "8",
+                token: str = "") -> Service:
     # REDIS_URL="" whatever the caller's environment holds: the stack starts its own Redis.
     return Service(
         "demo_publisher.stack",
         ["--port", str(port), "--rate", rate, "--keys", keys_n],
-        env={"REDIS_URL": redis_url, "API_TOKEN": ""},
+        env={"REDIS_URL": redis_url, "API_TOKEN": token},
     ).start()
 
 
@@ -127,14 +128,17 @@ def test_stack_runs_the_chain_and_stops_on_ctrl_c() -> None:
 def test_stack_on_a_given_redis_stops_all_when_a_child_dies(redis_url: str) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    stack = start_stack(port, redis_url=redis_url, rate="30", keys_n="4")
+    stack = start_stack(port, redis_url=redis_url, rate="30", keys_n="4", token="tok-1")
     try:
         log = stack.wait_log("Press Ctrl-C to stop", 60)
         assert "the given Redis" in log
+        # API_TOKEN reaches the api_server, and the printed URL carries it.
+        assert f"Dashboard  {base}/?token=tok-1" in log
+        assert httpx.get(f"{base}/keys", timeout=5).status_code == 401
         assert stack.proc is not None
         kids = children(stack.proc.pid)
         assert not any("redis-server" in cmdline(k) for k in kids)
-        wait_until(lambda: len(keys(base)) >= 4, 20, message="4 demo keys in /keys")
+        wait_until(lambda: len(keys(base, "tok-1")) >= 4, 20, message="4 demo keys in /keys")
 
         updater = next(k for k in kids if "kv_updater" in cmdline(k))
         os.kill(updater, signal.SIGKILL)
