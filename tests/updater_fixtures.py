@@ -166,8 +166,10 @@ class Persister:
 class InProcessUpdater:
     """``KVUpdater.run()`` on an event loop of its own thread, stopped like SIGTERM does."""
 
-    def __init__(self, settings: UpdaterSettings) -> None:
-        self.updater = KVUpdater(settings=settings)
+    def __init__(self, settings: UpdaterSettings | KVUpdater) -> None:
+        self.updater = (
+            settings if isinstance(settings, KVUpdater) else KVUpdater(settings=settings)
+        )
         self.loop = asyncio.new_event_loop()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._main, name="kv-updater-test", daemon=True)

@@ -1,0 +1,171 @@
+"""Key layout, channels, connection forms, start-up without Redis, and bounded logging."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from datetime import UTC, datetime, timedelta, timezone
+from functools import partial
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from harness import LocalRedis, RedisServer, free_port, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from updater_fixtures import (
+    InProcessUpdater,
+    Listener,
+    Persister,
+    acl_user,
+    all_keys,
+    http_get,
+    instant,
+    message,
+    publish_all,
+    scrape,
+    settings_for,
+    stored_of,
+    updater_process,
+    wait_subscribed,
+)
+
+from kv_updater import KVUpdater, Rejected
+from kv_updater.commit import STALE
+
+
+def test_key_prefix_namespace_and_stored_channel_are_honoured(
+    redis_url: str, r: redis.Redis
+) -> None:
+    s = settings_for(redis_url, key_prefix="app:", namespace="ns:", stored_channel="commits")
+    with Listener(r, "commits") as stored, Persister(s) as p:
+        assert p.ok(message("t")) == 1
+        assert p.ok(message("kvupdater:seq")) == 2  # not reserved under another namespace
+        for reserved in ("ns:seq", "ns:anything"):
+            result = p(message(reserved))
+            assert isinstance(result, Rejected)
+            assert result.reason == "reserved_type"
+        notes = stored.wait_count(2)
+    with Persister(settings_for(redis_url, key_prefix="n", namespace="ns:")) as p:
+        crossing = p(message("s:index"))  # "n" + "s:index" is the index itself
+        assert isinstance(crossing, Rejected)
+        assert crossing.reason == "reserved_type"
+    assert r.get("app:t") == stored_of("2023-10-01T12:00:00Z", {"v": 1})
+    assert r.get("ns:seq") == b"2"
+    assert r.zscore("ns:index", "t") == 1
+    assert r.zscore("ns:index", "kvupdater:seq") == 2
+    assert all_keys(r) == {b"app:t", b"app:kvupdater:seq", b"ns:seq", b"ns:index",
+                           b"ns:instants"}
+    assert [orjson.loads(n)["type"] for n in notes] == ["t", "kvupdater:seq"]
+
+
+def test_the_seeds_constructor_takes_a_client_a_channel_and_the_validation_flag(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """KVUpdater(client, channel, validate): subscription and commits both use the
+    client's connection, an ACL user's password included."""
+    host_port = redis_url.removeprefix("redis://")
+    with acl_user(r, "seed-user", "p@ss:w/rd"):
+        client = aioredis.Redis.from_url(f"redis://seed-user:p%40ss%3Aw%2Frd@{host_port}")
+        updater = KVUpdater(client, "seed-channel", False)
+        assert (updater.channel, updater.validate) == ("seed-channel", False)
+        with InProcessUpdater(updater) as up:
+            publish_all(r, "seed-channel", [message("via-seed")])
+            wait_until(partial(r.exists, "via-seed"), 10, message="the message")
+            assert up.metric("kvupdater_validations_total") == 0
+            users = {(c["name"], c["user"]) for c in r.client_list()}
+            assert ("kv-updater", "seed-user") in users  # the subscription logged in as the user
+        assert "p%40ss" not in str(updater.settings.redacted())
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_a_unix_socket_with_a_password() -> None:
+    sock = Path(tempfile.mkdtemp(prefix="kvu-")) / "redis.sock"
+    server = LocalRedis(["--unixsocket", str(sock), "--unixsocketperm", "700"])
+    server.start()
+    try:
+        admin = server.client()
+        admin.config_set("requirepass", "sock-secret")
+        admin.close()
+        client = redis.Redis(unix_socket_path=str(sock), password="sock-secret")
+        url = f"unix://:sock-secret@{sock}?db=0"
+        with InProcessUpdater(settings_for(url)):
+            publish_all(client, "update", [message("over-unix")])
+            wait_until(partial(client.exists, "over-unix"), 10, message="the message")
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_starting_while_redis_is_down_waits_for_it(own_redis: RedisServer) -> None:
+    own_redis.stop()
+    port = free_port()
+    with updater_process(own_redis.url, "--metrics-port", str(port)) as svc:
+        svc.wait_log("Redis unavailable")
+        assert http_get(port, "/live")[0] == 200
+        assert http_get(port, "/ready")[0] == 503
+        own_redis.start()
+        wait_until(lambda: http_get(port, "/ready")[0] == 200, 20, message="ready")
+        client = own_redis.client()
+        wait_subscribed(client, "update")
+        publish_all(client, "update", [message("first")])
+        wait_until(partial(client.exists, "first"), 10, message="the first message")
+        client.close()
+        svc.wait_log("Redis is back")
+        assert scrape(port, "kvupdater_reconnects_total") == 0  # never lost: never had it
+    assert svc.log.count(" ERROR ") == 1
+
+
+def test_a_flood_of_junk_is_logged_in_bounded_lines_and_counted_in_full(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kv_updater")
+    with InProcessUpdater(settings_for(redis_url)) as up:
+        publish_all(r, "update", [b'{"type": 1}'] * 500 + [message("end")])
+        wait_until(partial(r.exists, "end"), 10, message="the end marker")
+        assert up.metric("kvupdater_messages_rejected_total", {"reason": "bad_type"}) == 500
+    texts = [rec.getMessage() for rec in caplog.records]
+    assert len([t for t in texts if t.startswith("malformed message")]) == 20
+    assert "480 more rejected messages not logged in the last 5 s (see the metrics)" in texts
+
+
+WIDE = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30))
+
+
+@st.composite
+def any_timestamp(draw: st.DrawFn) -> str:
+    moment = draw(WIDE)
+    minutes = draw(st.integers(-1439, 1439))
+    local = moment.replace(tzinfo=UTC).astimezone(timezone(timedelta(minutes=minutes)))
+    fraction = draw(st.text("0123456789", max_size=14))
+    sign = "+" if minutes >= 0 else "-"
+    zone = "Z" if minutes == 0 and draw(st.booleans()) else (
+        f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}")
+    wall = (f"{local.year:04d}-{local.month:02d}-{local.day:02d}T"  # strftime: no padded years
+            f"{local.hour:02d}:{local.minute:02d}:{local.second:02d}")
+    return wall + (f".{fraction}" if fraction else "") + zone
+
+
+def test_any_two_timestamps_order_like_their_instants(redis_url: str) -> None:
+    """Stale protection (instant keys compared in Lua) against an exact oracle, over the
+    whole RFC 3339 range: years 1-9999, offsets to +-23:59, fractions to 14 digits."""
+    with Persister(settings_for(redis_url)) as p:
+        count = [0]
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(first=any_timestamp(), second=any_timestamp())
+        def check(first: str, second: str) -> None:
+            count[0] += 1
+            key = f"pair{count[0]}"
+            assert p.ok(message(key, updated=first, values={"n": 1})) > 0
+            status = p.ok(message(key, updated=second, values={"n": 2}))
+            if instant(second) >= instant(first):
+                assert status > 0, (first, second)
+            else:
+                assert status == STALE, (first, second)
+
+        check()
