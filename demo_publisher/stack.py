@@ -356,9 +356,11 @@ class Stack:
                     failed = f"{dead[0].name} exited unexpectedly (code {code})"
                     break
         if failed and not self.stop_requested:
-            _print(f"{PROG}: {failed}; stopping")
+            _print(f"{PROG}: {failed}")
         elif failed:
             failed = None  # a Ctrl-C during start-up is a normal stop
+        if not self.children:
+            return 1 if failed else 0
         _print(f"{PROG}: stopping {', '.join(c.name for c in reversed(self.children))}")
         codes = self.stop_all()
         bad = {n: c for n, c in codes.items() if c not in (0, None)}

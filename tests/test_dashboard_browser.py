@@ -198,12 +198,20 @@ def test_snapshot_then_a_new_publish_within_a_second(
     assert page.locator("article.card").count() == 2
 
 
+def events_seen(page: Any) -> int:
+    return int(page.evaluate("Number(document.body.dataset.events || 0)"))
+
+
 def test_page_recovers_after_api_server_restart(chain: Chain, r: redis.Redis, page: Any) -> None:
     publish(r, "sensor:pump-1", {"speed_rpm": 1450, "phase": "before"})
-    wait_until(lambda: chain.stored("sensor:pump-1"), 10, message="first value stored")
+    publish(r, "sensor:quiet", {"value": 1})  # never changes again
+    wait_until(lambda: chain.stored("sensor:quiet"), 10, message="first values stored")
     page.goto(chain.url())
     wait_conn(page, "live")
     wait_text(page, "sensor:pump-1", "before", 5000)
+    card(page, "sensor:quiet").wait_for(timeout=5000)
+    before = events_seen(page)
+    assert before == 2
 
     chain.kill_api()
     wait_conn(page, "reconnecting")
@@ -217,6 +225,9 @@ def test_page_recovers_after_api_server_restart(chain: Chain, r: redis.Redis, pa
 
     publish(r, "sensor:pump-1", {"speed_rpm": 1470, "phase": "after"})
     wait_text(page, "sensor:pump-1", "after", 3000)
+    # Resumed, not restarted: the unchanged key was not sent again, only the two
+    # commits of sensor:pump-1 arrived.
+    assert events_seen(page) == before + 2
 
 
 def test_expired_value_is_marked_by_the_clock(chain: Chain, r: redis.Redis, page: Any) -> None:

@@ -335,6 +335,8 @@
     for (const d of pending.values()) applyUpdate(d);
     pending.clear();
     if (lastEventId) stat.seq.textContent = lastEventId;
+    // For scripts and tests watching the page: how many events it has received.
+    document.body.dataset.events = String(totalEvents);
   }
 
   function schedule() {
@@ -350,6 +352,7 @@
   let retryTimer = 0;
   let attempt = 0;
   let eventsThisSecond = 0;
+  let totalEvents = 0;
 
   function setConn(state, text) {
     if (connEl.dataset.state === state && !text) return;
@@ -363,6 +366,7 @@
     try { d = JSON.parse(e.data); } catch { return; }
     if (e.lastEventId) lastEventId = e.lastEventId;
     eventsThisSecond += 1;
+    totalEvents += 1;
     if (d && typeof d.type === "string") {
       pending.set(d.type, d);
       schedule();
