@@ -59,9 +59,14 @@ def page(browser: Any) -> Iterator[Any]:
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # No CDN, no web font, nothing from elsewhere: the page must work offline.
+    foreign: list[str] = []
+    pg.on("request", lambda req: None if req.url.startswith(("http://127.0.0.1:", "data:"))
+          else foreign.append(req.url))
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not foreign, f"requests that leave the machine: {foreign}"
 
 
 class Chain:
