@@ -67,13 +67,22 @@
 
   const ISO_DATE = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}/;
 
-  // Fills `dd` with a readable rendering of one value; returns the text used to detect changes.
+  // Grouped digits and at most two decimals; tiny values keep three significant digits
+  // instead of rounding to 0.
+  function formatNumber(value) {
+    const abs = Math.abs(value);
+    if (abs > 0 && abs < 0.01) return value.toPrecision(3);
+    return numberFmt.format(value);
+  }
+
+  // Fills `dd` with a readable rendering of one value.
   function renderValue(dd, name, value) {
     dd.className = "";
     dd.textContent = "";
+    dd.title = "";
     if (typeof value === "number") {
       dd.classList.add("num");
-      dd.append(numberFmt.format(value));
+      dd.append(formatNumber(value));
       const { unit } = fieldLabel(name);
       if (unit) {
         const u = document.createElement("span");
@@ -105,7 +114,7 @@
       const text = JSON.stringify(value);
       dd.classList.add("json");
       dd.textContent = text.length > 160 ? `${text.slice(0, 157)}…` : text;
-      dd.title = text.length > 160 ? text.slice(0, 2000) : "";
+      if (text.length > 160) dd.title = text.slice(0, 2000);
     }
   }
 
