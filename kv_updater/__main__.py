@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from kv_updater.logs import setup_logging
 from kv_updater.service import KVUpdater
-from kv_updater.settings import UpdaterSettings, load_or_exit
+from kv_updater.settings import EXIT_BAD_SETTING, SettingsError, UpdaterSettings, load_or_exit
 
 PROG = "kv-updater"
 
@@ -39,8 +39,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     setup_logging(settings.log_level, settings.log_format)
     updater = KVUpdater(settings=settings)
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(_serve(updater))
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(updater))
+    except SettingsError as exc:  # found only at start-up, e.g. a metrics port in use
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_SETTING)
     sys.exit(0)
 
 

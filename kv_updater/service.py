@@ -23,7 +23,7 @@ from kv_updater.commit import SUPERSEDED, UNCHANGED, BatchOutcome, Committer
 from kv_updater.logs import RateLimitedLog
 from kv_updater.message import Accepted, MessageRules, Rejected, Severity
 from kv_updater.metrics import HealthServer, UpdaterMetrics
-from kv_updater.settings import UpdaterSettings
+from kv_updater.settings import SettingsError, UpdaterSettings
 from kv_updater.subscriber import Subscription, SubscriptionLost
 
 log = logging.getLogger("kv_updater")
@@ -118,10 +118,19 @@ class KVUpdater:
         self._stop_event = asyncio.Event()
         if self._stopping:
             self._stop_event.set()
-        log.info("kv-updater: starting with %s", s.redacted())
         health: HealthServer | None = None
         if s.metrics_port:
-            health = HealthServer(s.metrics_host, s.metrics_port, self.metrics, lambda: self.ready)
+            try:
+                health = HealthServer(
+                    s.metrics_host, s.metrics_port, self.metrics, lambda: self.ready
+                )
+            except OSError as exc:  # a port in use is a bad setting, not a crash
+                raise SettingsError(
+                    f"bad setting metrics_port: cannot listen on {s.metrics_host}:"
+                    f"{s.metrics_port} ({exc.strerror or exc})"
+                ) from None
+        log.info("kv-updater: starting with %s", s.redacted())
+        if health is not None:
             health.start()
             log.info("kv-updater: /metrics, /live, /ready on port %d", health.port)
         backoff = Backoff()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,16 @@ def test_the_process_takes_config_py_then_env_then_flags(
             assert f"'channel': '{channel}'" in log
         assert svc.proc is not None
         assert svc.proc.returncode == 0
+
+
+def test_a_metrics_port_in_use_exits_2_with_one_line() -> None:
+    """Regression: a busy metrics port ended the process with a traceback and exit 1."""
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_cli(["--metrics-port", str(port), "--redis-url", "redis://127.0.0.1:1/0"])
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"kv-updater: bad setting metrics_port: cannot listen on 0.0.0.0:{port} "
+                     "(Address already in use)"], done.stderr
