@@ -10,10 +10,10 @@
 #
 # Nothing is pulled: the base images must be present (docker-offline.sh makes
 # stand-ins), the build runs with --pull=false and, by default, without any
-# network: the wheels of the project and of every dependency are first
-# gathered on this host by its own pip (with its own index, mirrors and
-# certificates) into build/docker-wheels/, for the image's Python version and
-# platform, and the image installs from there only (PIP_NO_INDEX=1).
+# network: deploy/docker-wheels.sh first gathers the wheels of the project and
+# of every dependency into build/docker-wheels/, for the image's Python, the way
+# this host's pip reaches its index (its configuration, mirrors, certificates,
+# local file:// indexes), and the image installs from there only (PIP_NO_INDEX=1).
 #
 # Environment:
 #   SMOKE_WHEELS=host|online  host (default): offline build from host-gathered
@@ -94,45 +94,13 @@ for img in "$BASE_IMAGE" "$REDIS_IMAGE"; do
 done
 API_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
-# ---- 1. the wheels, gathered by the host's pip for the image's Python
+# ---- 1. the wheels, gathered for the image's Python as the host's pip reaches its index
 BUILD_ARGS=(--build-arg "PYTHON_IMAGE=$BASE_IMAGE")
 if [ "$MODE" = host ]; then
-  # The project's wheel is built by the host's pip; the dependencies are then
-  # resolved by the image's own pip (so that environment markers such as
-  # python_full_version are those of the image's Python), reaching the package
-  # index exactly as the host's pip does: host network, the host's pip
-  # configuration files, PIP_* variables, and every local path they name
-  # (file:// indexes, find-links folders, certificates, constraints), read-only.
+  # the host's pip, its configuration and its indexes, for the image's Python
+  # (deploy/docker-wheels.sh); then the build needs no network at all
   say "gathering wheels in build/docker-wheels with the host's pip configuration"
-  rm -rf "$WHEELS" && mkdir -p "$WHEELS"
-  "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$WHEELS" "$ROOT" \
-    >"$ROOT/build/docker-smoke-wheels.log" 2>&1 \
-    || { cat "$ROOT/build/docker-smoke-wheels.log" >&2; fail "could not build the project's wheel on the host"; }
-  MOUNTS=() ENVS=() SEEN=" "
-  mount_ro() {  # mount_ro HOST_PATH [CONTAINER_PATH]
-    local src=$1 dst=${2:-$1}
-    case "$SEEN" in *" $dst "*) return ;; esac
-    [ -e "$src" ] && MOUNTS+=(-v "$src:$dst:ro") && SEEN+="$dst "
-    return 0
-  }
-  for f in /etc/pip.conf /etc/xdg/pip; do mount_ro "$f"; done
-  mount_ro "${XDG_CONFIG_HOME:-$HOME/.config}/pip" /root/.config/pip
-  mount_ro "$HOME/.pip" /root/.pip
-  [ -n "${PIP_CONFIG_FILE:-}" ] && mount_ro "$PIP_CONFIG_FILE"
-  while IFS= read -r name; do ENVS+=(-e "$name"); done < <(env | sed -n 's/^\(PIP_[A-Z0-9_]*\)=.*/\1/p')
-  # (a local index's pages link to files beside them: mount the index's parent)
-  while IFS= read -r path; do
-    case "$path" in */simple | */simple/) mount_ro "$(dirname "$path")" ;; *) mount_ro "$path" ;; esac
-  done < <(
-    { "$PYTHON" -m pip config list 2>/dev/null; env | grep '^PIP_'; } \
-      | grep -oE "(file://)?/[^' ,\"]+" | sed 's|^file://||' | sort -u)
-  docker run --rm --pull never --network host "${MOUNTS[@]}" "${ENVS[@]}" \
-    -e PIP_DISABLE_PIP_VERSION_CHECK=1 -e PIP_ROOT_USER_ACTION=ignore -v "$WHEELS:/wheels" "$BASE_IMAGE" \
-    sh -c "python3 -m pip wheel --wheel-dir /wheels /wheels/redis_first_chain-*.whl 'setuptools>=68' wheel \
-           && chown -R $(id -u):$(id -g) /wheels" \
-    >>"$ROOT/build/docker-smoke-wheels.log" 2>&1 \
-    || { tail -30 "$ROOT/build/docker-smoke-wheels.log" >&2; fail "the image's pip could not gather the wheels"; }
-  say "$(find "$WHEELS" -name '*.whl' | wc -l) wheels gathered (log: build/docker-smoke-wheels.log)"
+  PYTHON="$PYTHON" bash "$HERE/docker-wheels.sh" "$BASE_IMAGE" || fail "could not gather the wheels"
   BUILD_ARGS+=(--build-arg PIP_NO_INDEX=1 --network none)
 else
   rm -rf "$WHEELS"

@@ -311,8 +311,9 @@ def test_dockerfile_shape() -> None:
     assert re.search(r"^HEALTHCHECK .*\n?.*HEALTH_URL", text, re.M)
     assert re.search(r'^CMD \["api-server"\]$', text, re.M)
     ignore = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".git", "tests", "**/__pycache__"):
+    for entry in (".git", "tests", "**/__pycache__", "build/*", "!build/docker-wheels"):
         assert entry in ignore
+    assert "README.md" not in ignore  # pyproject's readme: the build needs it
 
 
 # ---------------------------------------------------------------- compose
