@@ -83,7 +83,6 @@ class Child:
         self.color = color
         self.proc: subprocess.Popen[bytes] | None = None
         self._relay: threading.Thread | None = None
-        self.stopping = False
 
     def start(self, env: dict[str, str], preexec: Callable[[], None] | None) -> None:
         self.proc = subprocess.Popen(
@@ -116,12 +115,7 @@ class Child:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
     def terminate(self) -> None:
-        self.stopping = True
         if self.running:
             assert self.proc is not None
             with contextlib.suppress(ProcessLookupError):
@@ -148,7 +142,8 @@ _print_lock = threading.Lock()
 
 
 def _print(line: str) -> None:
-    with _print_lock:
+    # A closed terminal or pipe must not kill a relay thread: it also reports exits.
+    with _print_lock, contextlib.suppress(OSError, ValueError):
         print(line, flush=True)
 
 
