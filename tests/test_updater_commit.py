@@ -31,7 +31,7 @@ from updater_fixtures import (
     stored_of,
 )
 
-from kv_updater import Accepted, render_event
+from kv_updater import Accepted, Rejected, render_event
 from kv_updater.commit import STALE, UNCHANGED
 
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -287,3 +287,55 @@ def test_a_shuffled_stream_through_pubsub_ends_at_the_latest_instant(
     assert batches < received, "no batch ever held more than one message"
     assert {k.decode(): r.get(k) for k in data_keys(r) - {b"marker"}} == final
     check_commit_bookkeeping(r, notes)
+
+
+def test_a_batch_wider_than_luas_unpack_limit_commits_every_key(
+    persist: Persister, r: redis.Redis
+) -> None:
+    """9000 distinct keys in one atomic step: the script's MSET/HSET/ZADD go in chunks."""
+    batch = [message(f"wide{i}", values={"i": i}) for i in range(9000)]
+    with Listener(r, "update:stored") as stored:
+        outcome = persist.commit(batch)
+        notes = stored.wait_count(9000, timeout=30)
+    assert outcome.committed == outcome.validated == 9000
+    assert outcome.mismatches == []
+    assert len(data_keys(r)) == 9000
+    assert r.get("wide8999") == stored_of("2023-10-01T12:00:00Z", {"i": 8999})
+    check_commit_bookkeeping(r, notes)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(type_=st.text(min_size=1, max_size=30).filter(lambda t: not t.startswith("kvupdater:")))
+def test_any_type_a_custom_pattern_allows_is_announced_as_valid_json(
+    redis_url: str, type_: str
+) -> None:
+    """With TYPE_PATTERN opened up, quotes, backslashes, control characters and any
+    script in a type still give a notification that is JSON and equals render_event."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    with Listener(client, "update:stored") as stored, \
+            Persister(settings_for(redis_url, type_pattern=r"(?s).{1,30}")) as p:
+        seq = p.ok(message(type_))
+        (note,) = stored.wait_count(1)
+    assert orjson.loads(note)["type"] == type_
+    parsed = p.updater.rules.parse(message(type_))
+    assert isinstance(parsed, Accepted)
+    assert note == render_event(parsed.type_json, parsed.stored, seq)
+    assert client.get(type_) == parsed.stored
+    client.close()
+
+
+def test_a_flushed_script_cache_is_reloaded_without_repeating_dead_letters(
+    redis_url: str, r: redis.Redis
+) -> None:
+    with Persister(settings_for(redis_url, dead_letter="dead")) as p:
+        assert p.ok(message("before")) == 1
+        r.script_flush()
+        accepted = p.updater.rules.parse(message("after"))
+        rejected = p.updater.rules.parse(b"junk")
+        assert isinstance(accepted, Accepted)
+        assert isinstance(rejected, Rejected)
+        outcome = p.runner.run(p.updater.committer.commit([accepted], [(rejected, b"junk")]))
+    assert outcome.committed == 1
+    assert r.exists("after")
+    assert r.xlen("dead") == 1
