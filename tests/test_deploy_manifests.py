@@ -310,7 +310,8 @@ def test_dockerfile_shape() -> None:
     assert users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*\n?.*HEALTH_URL", text, re.M)
     assert re.search(r'^CMD \["api-server"\]$', text, re.M)
-    ignore = (ROOT / ".dockerignore").read_text().split()
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignore = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     for entry in (".git", "tests", "**/__pycache__", "build/*", "!build/docker-wheels"):
         assert entry in ignore
     assert "README.md" not in ignore  # pyproject's readme: the build needs it
