@@ -102,9 +102,15 @@ def test_redis_restarts_mid_stream_are_survived(own_redis: RedisServer) -> None:
                    message="messages published after the restart")
         assert scrape(port, "kvupdater_reconnects_total") == 2
         client.close()
-    errors = error_lines(svc.log)
-    assert len(errors) == 2, "\n".join(errors)  # one per outage, not one per retry
-    assert all("Redis unavailable" in line for line in errors)
+        errors = error_lines(svc.log)
+        assert len(errors) == 2, "\n".join(errors)  # one per outage, not one per retry
+        assert all("Redis unavailable" in line for line in errors)
+
+        # A stop request during an outage still ends the process promptly, with 0.
+        own_redis.stop()
+        wait_until(lambda: ready_status(port) == 503, 15, message="/ready 503 while down")
+        svc.signal(signal.SIGTERM)
+        assert svc.wait(10) == 0
 
 
 def _stored_n(client: redis.Redis, key: str) -> int:
