@@ -11,13 +11,15 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from harness import Service, free_port, wait_until
+from harness import ROOT, Service, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +160,33 @@ def test_port_in_use_is_a_clear_error() -> None:
         assert stack.wait(30) == 1
     assert f"port {port}" in stack.log
     assert "in use" in stack.log
+
+
+def test_demo_script_runs_the_stack(redis_url: str, tmp_path: Path) -> None:
+    """./demo itself: with the project importable it installs nothing and runs the stack."""
+    port = free_port()
+    log_path = tmp_path / "demo.log"
+    env = {**os.environ, "DEMO_VENV": sys.prefix, "REDIS_URL": redis_url, "API_TOKEN": "",
+           "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([str(ROOT / "demo"), "--port", str(port), "--rate", "20",
+                                 "--keys", "3"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=tmp_path)
+    try:
+        def started() -> bool:
+            text = log_path.read_text(errors="replace")
+            assert proc.poll() is None, text
+            return "Press Ctrl-C to stop" in text
+
+        wait_until(started, 60, message="the stack's banner")
+        wait_until(lambda: len(keys(f"http://127.0.0.1:{port}")) >= 3, 20,
+                   message="3 demo keys in /keys")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log_path.read_text()
+    assert "installing" not in text
+    assert "demo: stopped" in text
