@@ -5,8 +5,10 @@
 #   docker run --rm redis-first-chain kv-updater --help
 #
 # The default command is api-server (port 8000). The HEALTHCHECK fetches
-# $HEALTH_URL (default: the api-server's /live on $PORT); set HEALTH_URL to
-# http://127.0.0.1:9100/live for a kv-updater run with METRICS_PORT=9100.
+# $HEALTH_URL if set, else /live on $METRICS_PORT when that is set and not 0
+# (a kv-updater: its health endpoints are off unless METRICS_PORT is given),
+# else /live on $PORT (the api-server). The demo publisher has no HTTP port:
+# run it with --no-healthcheck (compose: healthcheck: disable: true).
 #
 # Dependencies come from the package index pip is given (PyPI by default;
 # --build-arg PIP_INDEX_URL=... for a mirror). For an offline build, put wheels
@@ -49,5 +51,5 @@ USER 10001:10001
 EXPOSE 8000 9100
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=4s --start-period=20s --retries=3 \
-    CMD ["python3", "-c", "import os,urllib.request as u; u.urlopen(os.environ.get('HEALTH_URL') or 'http://127.0.0.1:%s/live' % (os.environ.get('PORT') or '8000'), timeout=3).read()"]
+    CMD ["python3", "-c", "import os,urllib.request as u; e=os.environ.get; m=e('METRICS_PORT') or '0'; u.urlopen(e('HEALTH_URL') or 'http://127.0.0.1:%s/live' % (m if m != '0' else e('PORT') or '8000'), timeout=3).read()"]
 CMD ["api-server"]
