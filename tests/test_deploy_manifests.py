@@ -249,6 +249,24 @@ def test_services_point_at_named_container_ports() -> None:
             assert port["targetPort"] in ports, (name, port)
 
 
+def test_selectors_match_their_pods() -> None:
+    for name, workload in workloads().items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        for key, value in workload["spec"]["selector"]["matchLabels"].items():
+            assert labels.get(key) == value, name
+    pods = [w["spec"]["template"]["metadata"]["labels"] for w in workloads().values()]
+    for name, pdb in by_kind("PodDisruptionBudget").items():
+        wanted = pdb["spec"]["selector"]["matchLabels"]
+        assert any(all(p.get(k) == v for k, v in wanted.items()) for p in pods), name
+    (ingress,) = by_kind("Ingress").values()
+    services = by_kind("Service")
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            ports = {p["name"] for p in services[backend["name"]]["spec"]["ports"]}
+            assert backend["port"]["name"] in ports
+
+
 # ---------------------------------------------------------------- redis, ingress
 
 
