@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import resource
@@ -16,6 +17,7 @@ import sse_starlette  # noqa: F401
 import uvicorn
 
 from api_server.app import create_app
+from api_server.hub import Hub
 from api_server.settings import ApiSettings
 from kv_updater.logs import setup_logging
 from kv_updater.settings import load_or_exit
@@ -32,6 +34,23 @@ def _raise_open_files_limit() -> None:
         target = 1_048_576 if hard == resource.RLIM_INFINITY else hard
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending every SSE stream as soon as the exit signal comes.
+
+    uvicorn would otherwise wait for open responses (endless streams) until its
+    graceful-shutdown timeout and then cancel them.
+    """
+
+    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        with contextlib.suppress(RuntimeError):  # no loop yet: nothing is open
+            asyncio.get_running_loop().call_soon_threadsafe(self.hub.close_all)
 
 
 def _after_shutdown(signum: int, frame: FrameType | None) -> None:
@@ -63,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app.state.hub)
     # uvicorn re-raises the signal that stopped it once it has shut down, under
     # the handlers found at start: make those a no-op so a graceful SIGTERM or
     # SIGINT ends with exit code 0 (DESIGN.md), not death by signal.

@@ -26,7 +26,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
@@ -34,6 +33,7 @@ from api_server.auth import TokenGuard, token_from
 from api_server.hub import Hub
 from api_server.metrics import Metrics, RequestMetrics
 from api_server.settings import ApiSettings
+from api_server.sse import EventsFastPath, HubEventSource
 from api_server.store import Store
 from api_server.stream import Client
 
@@ -150,6 +150,30 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         body = hub.type_json.render(type_, stored.value, stored.seq)
         return Response(body, media_type="application/json", headers={"ETag": etag})
 
+    def open_events(keys: list[str], last_event_id: str | None, header: str | None) -> Response:
+        """Validate an /events request and register its client (the limit is exact:
+        registration happens here, before any await)."""
+        types: frozenset[str] | None = None
+        names = {n.strip() for item in keys for n in item.split(",") if n.strip()}
+        if names:
+            if len(names) > MAX_FILTER_KEYS:
+                return _json(400, f"at most {MAX_FILTER_KEYS} keys in a filter")
+            bad = sorted(n for n in names if not rules.type_allowed(n))
+            if bad:
+                return _json(400, f"not a valid key name: {bad[0][:200]!r}")
+            types = frozenset(names)
+        # The header wins: a browser reconnecting keeps the URL it started with.
+        raw_id = (header if header is not None else last_event_id or "").strip()
+        since = 0
+        if raw_id:
+            if not raw_id.isdigit():
+                return _json(400, "Last-Event-ID must be a commit seq (an integer)")
+            since = int(raw_id)
+        client = Client(types, since)
+        if not hub.register(client):
+            return _json(503, "too many SSE clients", {"Retry-After": "5"})
+        return HubEventSource(hub, client)
+
     value_doc: dict[int | str, dict[str, Any]] = {
         200: {"model": StoredValue, "description": "the stored value, its type and seq"},
         404: {"model": Problem, "description": "not a key the updater wrote"},
@@ -202,34 +226,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         after it are sent first.  Ids strictly increase; a slow client gets the
         newest value of each key rather than every intermediate one.
         """
-        types: frozenset[str] | None = None
-        if keys:
-            names = {n.strip() for item in keys for n in item.split(",") if n.strip()}
-            if names:
-                if len(names) > MAX_FILTER_KEYS:
-                    return _json(400, f"at most {MAX_FILTER_KEYS} keys in a filter")
-                bad = sorted(n for n in names if not rules.type_allowed(n))
-                if bad:
-                    return _json(400, f"not a valid key name: {bad[0][:200]!r}")
-                types = frozenset(names)
-        raw_id = last_event_id_header if last_event_id_header is not None else last_event_id
-        since = 0
-        if raw_id is not None and raw_id.strip():
-            if not raw_id.strip().isdigit():
-                return _json(400, "Last-Event-ID must be a commit seq (an integer)")
-            since = int(raw_id.strip())
-        client = Client(types, since)
-        if not hub.register(client):
-            return _json(503, "too many SSE clients", {"Retry-After": "5"})
-
-        async def release() -> None:
-            hub.unregister(client)
-
-        return EventSourceResponse(
-            hub.stream(client),
-            ping=0,  # keep-alive comes from the hub: one timer for all clients
-            background=BackgroundTask(release),
-        )
+        return open_events(keys or [], last_event_id, last_event_id_header)
 
     @app.get("/live", tags=["health"])
     async def live() -> dict[str, str]:
@@ -293,7 +290,9 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         app.mount("/static", StaticFiles(directory=static_dir), name="static")
 
     # Outermost first at run time: metrics, CORS (so preflights and 401s carry
-    # CORS headers), then the token guard.
+    # CORS headers), the token guard, then the /events fast path.
+    events_route = next(r for r in app.routes if getattr(r, "path", None) == "/events")
+    app.add_middleware(EventsFastPath, handler=open_events, route=events_route)
     if settings.token:
         app.add_middleware(TokenGuard, token=settings.token)
     if settings.origins:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from redis.exceptions import RedisError
 
@@ -97,6 +97,13 @@ class Hub:
             client.closed = True
             client.wake()
 
+    def close_all(self) -> None:
+        """Server shutdown: refuse new streams and end every open one cleanly."""
+        self._stopping = True
+        for client in self._clients():
+            client.closed = True
+            client.wake()
+
     # ---- clients ---------------------------------------------------------------
     def register(self, client: Client) -> bool:
         """Add a client before it reads its snapshot; False at the client limit."""
@@ -140,7 +147,7 @@ class Hub:
         return sum(len(c.pending) for c in self._clients())
 
     # ---- the stream of one client ------------------------------------------------
-    async def stream(self, client: Client) -> AsyncIterator[bytes]:
+    async def stream(self, client: Client) -> AsyncGenerator[bytes, None]:
         """The SSE body of a registered client: retry field, snapshot, then live."""
         try:
             yield RETRY_FIELD

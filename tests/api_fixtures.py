@@ -191,14 +191,16 @@ class SseStream:
     @classmethod
     async def open(
         cls, port: int, path: str = "/events", headers: dict[str, str] | None = None,
-        rcvbuf: int | None = None, method: str = "GET",
+        rcvbuf: int | None = None, method: str = "GET", limit: int = 2**22,
     ) -> SseStream:
+        """Connect and read the response head.  ``rcvbuf`` and ``limit`` (the reader's
+        buffer: asyncio stops reading the socket at twice this) make a slow reader."""
         sock = socket.socket()
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2**22)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
         stream = cls(reader, writer)
         lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}",
                  "Accept: text/event-stream"]

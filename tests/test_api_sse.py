@@ -164,9 +164,10 @@ def test_a_slow_reader_gets_conflated_values_and_memory_stays_bounded(
     log = commit_sync(redis_url, types)
 
     async def scenario(api: Api) -> None:
-        slow = Follower(await SseStream.open(api.port, rcvbuf=4096))
+        slow = Follower(await SseStream.open(api.port, rcvbuf=4096, limit=65536))
         await slow.read_until(lambda f: len(f.state) == 4)
         writer = Writer(redis_url, log)
+        rss_before = api.stats()["rss_bytes"]
         for i in range(300):
             await writer.put(types[i % 4], pad=32_000)
         # The stalled client holds at most one pending value per key at the server.
@@ -175,6 +176,8 @@ def test_a_slow_reader_gets_conflated_values_and_memory_stays_bounded(
         stats = api.stats()
         assert stats["pending_values"] <= 4, stats
         assert stats["values_conflated"] > 0, stats
+        # ~10 MB went through the hub; the server kept only what one write holds.
+        assert stats["rss_bytes"] - rss_before < 6 * 2**20, (rss_before, stats)
         expected = kv_state(r)
         await slow.read_until(lambda f: f.state == expected, within=30)
         check_against_log(slow, log)
