@@ -417,7 +417,8 @@ class Room(Feed):
         hour = _local_hour(now, self.utc_offset_h)
         busy = _bump(hour, 11.0, 2.0) + _bump(hour, 15.0, 2.0) if now.weekday() < 5 else 0.0
         if self.rng.random() < min(1.0, dt / 120):  # people come and go every few minutes
-            self.people = max(0, min(12, round(self.rng.gauss(busy * 8, 2))))
+            # Spread grows with the crowd: empty at night, 4-12 people at the busy hours.
+            self.people = max(0, min(12, round(self.rng.gauss(busy * 8, 0.4 + 2 * busy))))
         # Each person adds CO2; ventilation pulls the room back toward outdoor air.
         target = 420 + self.people * 95
         self.co2 += (target - self.co2) * min(1.0, dt / 900) + self.rng.gauss(0, 3)
