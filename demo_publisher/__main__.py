@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -38,8 +39,6 @@ async def _serve(publisher: Publisher) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_or_exit(PublisherSettings, argv, PROG, DESCRIPTION)
     setup_logging(settings.log_level, settings.log_format)
-    import logging
-
     logging.getLogger("demo_publisher").info("starting with %s", settings.redacted())
     publisher = Publisher(settings)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -182,6 +182,17 @@ def test_duration_and_progress_line(redis_url: str) -> None:
     assert 100 <= sent <= 170
 
 
+def test_json_logs_and_settings_from_env(redis_url: str) -> None:
+    env = {"RATE": "50", "COUNT": "5", "KEYS": "2", "LOG_FORMAT": "json"}
+    with Service("demo_publisher", ["--redis-url", redis_url], env=env) as svc:
+        assert svc.wait(15) == 0, svc.log
+    lines = [orjson.loads(line) for line in svc.log.splitlines() if line.strip()]
+    start = next(doc for doc in lines if doc["message"].startswith("starting with"))
+    assert "'rate': 50.0" in start["message"]
+    assert "'keys': 2" in start["message"]
+    assert any("sent 5 messages" in doc["message"] for doc in lines)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly(redis_url: str, r: redis.Redis, sig: int) -> None:
     pubsub = subscribed(r)
