@@ -28,6 +28,7 @@ K8S = ROOT / "deploy" / "k8s"
 NAMESPACE = "redis-first-chain"
 K8S_VERSIONS = ["1.28.0", "1.33.0", None]  # None: the tool's newest
 CHAIN = {"kv-updater", "api-server", "demo-publisher"}
+OPTIONAL = {"demo-publisher.yaml", "api-server-hpa.yaml"}  # applied by hand, not kustomized
 
 
 def tool(name: str) -> str:
@@ -141,7 +142,7 @@ def test_kustomization_lists_the_core_manifests() -> None:
     listed = kust["resources"]
     for name in listed:
         assert (K8S / name).exists(), name
-    expected = {p.name for p in manifest_files()} - {"demo-publisher.yaml"}
+    expected = {p.name for p in manifest_files()} - OPTIONAL
     assert set(listed) == expected
     assert kust["namespace"] == NAMESPACE
     assert any(i["name"] == "redis-first-chain" for i in kust["images"])
@@ -247,6 +248,13 @@ def test_services_point_at_named_container_ports() -> None:
         ports = {p["name"] for w in targets for c in containers(w) for p in c.get("ports", [])}
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in ports, (name, port)
+
+
+def test_autoscaler_targets_the_api_server() -> None:
+    (hpa,) = by_kind("HorizontalPodAutoscaler").values()
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "api-server")
+    assert hpa["spec"]["minReplicas"] >= by_kind("Deployment")["api-server"]["spec"]["replicas"]
 
 
 def test_selectors_match_their_pods() -> None:
