@@ -27,6 +27,12 @@ LOG="$ROOT/build/docker-wheels.log"
 say() { printf 'docker-wheels: %s\n' "$*" >&2; }
 fail() { say "FAIL: $*"; exit 1; }
 
+# a Python with pip (a venv made without pip will not do)
+for candidate in "$PYTHON" python3 /usr/local/bin/python3 /usr/bin/python3; do
+  if "$candidate" -m pip --version >/dev/null 2>&1; then PYTHON=$candidate; break; fi
+done
+"$PYTHON" -m pip --version >/dev/null 2>&1 || fail "no Python with pip found (set PYTHON)"
+
 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
   || fail "image $BASE_IMAGE is missing (it is never pulled here)"
 rm -rf "$WHEELS" && mkdir -p "$WHEELS"
