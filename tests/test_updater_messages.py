@@ -316,8 +316,9 @@ junk_cases: st.SearchStrategy[Case] = st.one_of(
     st.one_of(ints, st.just(...), st.lists(st.text(), max_size=1)).map(
         lambda t: (doc(updated=t), "bad_updated")),
     timestamp_junk.map(lambda t: (doc(valid=t), None if is_rfc3339(t) else "bad_valid")),
-    st.one_of(ints, st.floats(allow_nan=False), st.booleans(), json_docs.filter(
-        lambda v: isinstance(v, list | dict))).map(lambda v: (doc(valid=v), "bad_valid")),
+    st.one_of(ints, st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+              json_docs.filter(lambda v: isinstance(v, list | dict))).map(
+        lambda v: (doc(valid=v), "bad_valid")),
     st.one_of(json_docs.filter(lambda v: not isinstance(v, dict)), st.just(...)).map(
         lambda v: (doc(values=v), "bad_values")),
     good_types.flatmap(lambda t: json_docs.map(
