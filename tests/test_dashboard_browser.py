@@ -4,7 +4,7 @@ Debian's chromium is driven through Playwright's ``executable_path``: nothing is
 ever downloaded.  Each test publishes on the update channel like an upstream
 would, so what the page shows went through kv_updater's commit and
 api_server's SSE stream.  A screenshot of the running dashboard is kept in
-``test-artifacts/dashboard.png``.
+``test-artifacts/dashboard.png`` (with ``-dark`` and ``-phone`` variants).
 """
 
 from __future__ import annotations
@@ -312,5 +312,10 @@ def test_screenshot_of_the_running_demo(chain: Chain, page: Any) -> None:
         path = ARTIFACTS / "dashboard.png"
         page.screenshot(path=str(path), full_page=True)
         assert path.stat().st_size > 10_000
+        # The dark scheme and a phone, for people reviewing the look.
+        page.emulate_media(color_scheme="dark")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-dark.png"))
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"))
         publisher.signal(signal.SIGTERM)
         assert publisher.wait(10) == 0
