@@ -360,6 +360,8 @@ def test_compose_services_and_start_order() -> None:
         assert svc["pull_policy"] == "never", name
     for name in ("kv-updater", "api-server", "demo"):
         assert services[name]["image"] == services["api-server"]["image"], name
+        assert services[name]["read_only"] is True, name
+        assert services[name]["cap_drop"] == ["ALL"], name
         assert services[name]["build"]["context"] == "."
     assert services["kv-updater"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["api-server"]["depends_on"]["redis"]["condition"] == "service_healthy"
