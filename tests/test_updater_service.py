@@ -23,6 +23,7 @@ from updater_fixtures import (
     message,
     publish_all,
     scrape,
+    scrape_sum,
     settings_for,
     updater_process,
     wait_subscribed,
@@ -43,15 +44,8 @@ def level_of(line: str) -> str:
 def accounted(port: int) -> tuple[float, float]:
     """(received, committed + superseded + stale + unchanged + rejected) from /metrics."""
     received = scrape(port, "kvupdater_messages_received_total") or 0.0
-    done = sum(scrape(port, f"kvupdater_messages_{what}_total") or 0.0
-               for what in ("committed", "superseded", "stale", "unchanged"))
-    from prometheus_client.parser import text_string_to_metric_families
-
-    _, body = http_get(port, "/metrics")
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == "kvupdater_messages_rejected_total":
-                done += sample.value
+    done = sum(scrape_sum(port, f"kvupdater_messages_{what}_total")
+               for what in ("committed", "superseded", "stale", "unchanged", "rejected"))
     return received, done
 
 

@@ -346,18 +346,27 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
-def scrape(port: int, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """One sample of the Prometheus text on ``/metrics`` (None when absent)."""
+def _samples(port: int) -> list[tuple[str, dict[str, str], float]] | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     status, body = http_get(port, "/metrics")
     if status != 200:
         return None
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == (labels or {}):
-                return float(sample.value)
+    return [(s.name, s.labels, float(s.value))
+            for family in text_string_to_metric_families(body) for s in family.samples]
+
+
+def scrape(port: int, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample of the Prometheus text on ``/metrics`` (None when absent)."""
+    for sample, sample_labels, value in _samples(port) or []:
+        if sample == name and sample_labels == (labels or {}):
+            return value
     return None
+
+
+def scrape_sum(port: int, name: str) -> float:
+    """The sum of a metric over all its labels (0 when absent)."""
+    return sum(value for sample, _, value in _samples(port) or [] if sample == name)
 
 
 @contextlib.contextmanager
