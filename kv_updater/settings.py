@@ -185,7 +185,10 @@ class UpdaterSettings(RedisLayoutSettings):
 
 def mask_url(url: str) -> str:
     """redis://user:secret@host -> redis://user:***@host (and the same for a bare password)."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", re.sub(r"(//)([^/@:]+)@", r"\1***@", url))
+    # Up to the last "@" before the path: a password may hold an unencoded "@".
+    url = re.sub(r"(//[^/@:]*:)[^/]*@", r"\1***@", re.sub(r"(//)([^/@:]+)@", r"\1***@", url))
+    # redis-py also takes the password from the query string.
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 S = TypeVar("S", bound=CommonSettings)

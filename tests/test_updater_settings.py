@@ -223,3 +223,24 @@ def test_a_metrics_port_in_use_exits_2_with_one_line() -> None:
     lines = done.stderr.strip().splitlines()
     assert lines == [f"kv-updater: bad setting metrics_port: cannot listen on 0.0.0.0:{port} "
                      "(Address already in use)"], done.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://user:hunter2@redis.example:6379/0",
+        "redis://:hunter2@redis.example",
+        "rediss://user:hun@ter2@redis.example:6380/0",  # an unencoded @ in the password
+        "redis://redis.example:6379/0?password=hunter2",
+        "redis://user@redis.example/0?db=1&password=hunter2&socket_timeout=1",
+        "unix://:hunter2@/run/redis.sock?db=0",
+        "unix:///run/redis.sock?db=0&password=hunter2",
+    ],
+)
+def test_the_start_line_masks_a_password_in_any_url_form(url: str) -> None:
+    """Regression: a password given as ?password= (which redis-py honours) was logged."""
+    shown = UpdaterSettings(redis_url=url).redacted()["redis_url"]
+    assert "hunter2" not in shown
+    assert "ter2" not in shown
+    assert "***" in shown
+    assert shown.split("//")[0] == url.split("//")[0]
