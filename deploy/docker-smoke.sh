@@ -90,7 +90,7 @@ docker info >/dev/null 2>&1 || fail "no Docker engine answers (run: bash ../shar
 command -v "${COMPOSE_CMD[0]}" >/dev/null || fail "${COMPOSE_CMD[0]} not found"
 for img in "$BASE_IMAGE" "$REDIS_IMAGE"; do
   docker image inspect "$img" >/dev/null 2>&1 \
-    || fail "image $img is missing and is never pulled (run: bash ../shared/docker-offline.sh)"
+    || fail "image $img is missing and is never pulled here (docker pull it, or: bash ../shared/docker-offline.sh)"
 done
 API_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
