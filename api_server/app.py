@@ -111,6 +111,9 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.start()
+        # What start-up built lives for good: keep it out of every GC pass, which
+        # otherwise scans it again and again while thousands of streams run.
+        gc.freeze()
         try:
             yield
         finally:
