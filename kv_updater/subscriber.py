@@ -18,6 +18,7 @@ in small pieces instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from typing import Any, cast
@@ -115,8 +116,12 @@ class Subscription:
         return sub
 
     def _send(self, *args: str) -> None:
-        assert self._proto.transport is not None
-        self._proto.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
+        transport = self._proto.transport
+        # The peer may have hung up already (a proxy in front of a Redis still starting):
+        # writing to a closed uvloop transport raises RuntimeError, not a connection error.
+        if transport is None or self._proto.lost is not None or transport.is_closing():
+            raise SubscriptionLost(f"connection closed before {args[0]}")
+        transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
 
     async def _call(self, *args: str) -> Any:
         self._send(*args)
@@ -197,7 +202,7 @@ class Subscription:
 
     def unsubscribe(self) -> None:
         """Ask Redis to stop sending; messages before the confirmation still arrive."""
-        if self._proto.transport is not None and self._proto.lost is None:
+        with contextlib.suppress(SubscriptionLost):  # a lost connection sends nothing more
             self._send("UNSUBSCRIBE")
 
     def close(self) -> None:

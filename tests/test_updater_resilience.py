@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ from updater_fixtures import (
     publish_all,
     scrape,
     updater_process,
+    wait_log_count,
     wait_subscribed,
 )
 
@@ -83,15 +86,15 @@ def test_redis_restarts_mid_stream_are_survived(own_redis: RedisServer) -> None:
         # Outage 1: down long enough for several retries.
         own_redis.stop()
         wait_until(lambda: ready_status(port) == 503, 15, message="/ready 503 while down")
-        wait_until(lambda: svc.log.count("still unavailable") >= 2, 15, message="retries")
+        wait_log_count(svc, "still unavailable", 2)
         assert http_get(port, "/live")[0] == 200  # alive, just not ready
         own_redis.start()
         wait_until(lambda: ready_status(port) == 200, 20, message="/ready 200 when back")
-        svc.wait_log("Redis is back")
+        wait_log_count(svc, "Redis is back", 1)
 
         # Outage 2: a quick restart.
         own_redis.restart()
-        wait_until(lambda: svc.log.count("Redis is back") == 2, 30, message="back again")
+        wait_log_count(svc, "Redis is back", 2, 30)
         wait_until(lambda: ready_status(port) == 200, 20, message="/ready 200 again")
 
         # Later messages land (the restarted Redis holds nothing of before).
@@ -185,3 +188,54 @@ def test_a_burst_does_not_get_the_updater_dropped(redis_url: str, r: redis.Redis
     final = expected_final(stream)
     assert len(final) == 1000
     assert {k.decode(): r.get(k) for k in data_keys(r)} == final
+
+
+class HangingUpServer:
+    """Accepts, answers the first command with +OK and hangs up: what a proxy in front of
+    a Redis that is still starting (docker-proxy, a load balancer) can do."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn, contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(b"+OK\r\n")
+
+    def __enter__(self) -> HangingUpServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_a_connection_closed_mid_handshake_does_not_crash_the_updater() -> None:
+    """Regression: writing SUBSCRIBE to a transport the peer had just closed raised
+    RuntimeError under uvloop, which ended the process with a traceback."""
+    with HangingUpServer() as server, \
+            updater_process(f"redis://127.0.0.1:{server.port}/0") as svc:
+        assert svc.proc is not None
+        proc = svc.proc
+        wait_until(lambda: server.accepted >= 4 or proc.poll() is not None, 20,
+                   message="several connection attempts")
+        assert proc.poll() is None, svc.log
+        svc.signal(signal.SIGTERM)
+        assert svc.wait(10) == 0, svc.log
+    assert "Traceback" not in svc.log
+    (error,) = error_lines(svc.log)
+    assert "Redis unavailable" in error

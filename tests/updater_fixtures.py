@@ -322,6 +322,15 @@ def updater_process(redis_url: str, *args: str, env: dict[str, str] | None = Non
     return Service("kv_updater", ["--redis-url", redis_url, *args], env=env, cwd=cwd)
 
 
+def wait_log_count(svc: Service, text: str, count: int, timeout: float = 15.0) -> None:
+    """Wait until ``text`` is ``count`` times in the service's log; show the log if not."""
+    try:
+        wait_until(lambda: svc.log.count(text) >= count, timeout,
+                   message=f"{count} x {text!r} in the log")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- log ---\n{svc.log[-6000:]}") from None
+
+
 def run_cli(args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """``python -m kv_updater ...`` to completion, stdout and stderr apart."""
