@@ -137,7 +137,10 @@ class Subscription:
         """The next complete reply, or False when more bytes are needed."""
         reader = self._reader
         while True:
-            reply = reader.gets()
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:  # e.g. another server on the port
+                raise SubscriptionLost(f"not a Redis reply ({exc})") from None
             if reply is not False:
                 return reply
             if not self._feed():

@@ -191,10 +191,12 @@ def test_a_burst_does_not_get_the_updater_dropped(redis_url: str, r: redis.Redis
 
 
 class HangingUpServer:
-    """Accepts, answers the first command with +OK and hangs up: what a proxy in front of
-    a Redis that is still starting (docker-proxy, a load balancer) can do."""
+    """Accepts, answers the first command with ``reply`` and hangs up: what a proxy in
+    front of a Redis that is still starting (docker-proxy, a load balancer) can do, or
+    another server on the configured port."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -211,7 +213,7 @@ class HangingUpServer:
             self.accepted += 1
             with conn, contextlib.suppress(OSError):
                 conn.recv(65536)
-                conn.sendall(b"+OK\r\n")
+                conn.sendall(self.reply)
 
     def __enter__(self) -> HangingUpServer:
         self.thread.start()
@@ -224,10 +226,16 @@ class HangingUpServer:
         self.thread.join(5)
 
 
-def test_a_connection_closed_mid_handshake_does_not_crash_the_updater() -> None:
-    """Regression: writing SUBSCRIBE to a transport the peer had just closed raised
-    RuntimeError under uvloop, which ended the process with a traceback."""
-    with HangingUpServer() as server, \
+@pytest.mark.parametrize(
+    "reply",
+    [b"+OK\r\n", b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"],
+    ids=["hangs-up-mid-handshake", "not-redis"],
+)
+def test_a_peer_that_is_not_a_working_redis_does_not_crash_the_updater(reply: bytes) -> None:
+    """Regressions: writing SUBSCRIBE to a transport the peer had just closed raised
+    RuntimeError under uvloop, and a non-RESP answer raised hiredis.ProtocolError; both
+    ended the process with a traceback instead of one ERROR and retries."""
+    with HangingUpServer(reply) as server, \
             updater_process(f"redis://127.0.0.1:{server.port}/0") as svc:
         assert svc.proc is not None
         proc = svc.proc
