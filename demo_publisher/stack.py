@@ -358,7 +358,9 @@ class Stack:
             return 1 if failed else 0
         _print(f"{PROG}: stopping {', '.join(c.name for c in reversed(self.children))}")
         codes = self.stop_all()
-        bad = {n: c for n, c in codes.items() if c not in (0, None)}
+        # Killed by our own SIGTERM (a service still starting has no handler yet) is a
+        # clean stop too; only errors and the SIGKILL after the grace period are not.
+        bad = {n: c for n, c in codes.items() if c not in (0, None, -signal.SIGTERM)}
         if bad:
             _print(f"{PROG}: unclean exits: {bad}")
         _print(f"{PROG}: stopped")

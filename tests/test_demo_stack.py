@@ -151,6 +151,25 @@ def test_stack_on_a_given_redis_stops_all_when_a_child_dies(redis_url: str) -> N
     assert "kv-updater exited unexpectedly" in stack.log
 
 
+def test_ctrl_c_while_starting_stops_what_was_started(redis_url: str) -> None:
+    stack = start_stack(free_port(), redis_url=redis_url)
+    try:
+        stack.wait_log("kv-updater |", 30)
+        assert stack.proc is not None
+        kids = children(stack.proc.pid)
+        stack.signal(signal.SIGINT)
+        assert stack.wait(30) == 0, stack.log
+    finally:
+        stack.stop()
+    assert not [k for k in kids | children_seen(stack.log) if alive(k)], "children left behind"
+    assert "Dashboard" not in stack.log
+
+
+def children_seen(log: str) -> set[int]:
+    """PIDs the services printed (uvicorn's "Started server process [N]")."""
+    return {int(n) for n in re.findall(r"server process \[(\d+)\]", log)}
+
+
 def test_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
