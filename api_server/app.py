@@ -33,7 +33,7 @@ from api_server.auth import TokenGuard, token_from
 from api_server.hub import Hub
 from api_server.metrics import Metrics, RequestMetrics
 from api_server.settings import ApiSettings
-from api_server.sse import EventsFastPath, HubEventSource
+from api_server.sse import FastPaths, HubEventSource
 from api_server.store import Store
 from api_server.stream import Client
 
@@ -144,7 +144,11 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         # The pattern and the namespace are checked before Redis is touched.
         if not rules.type_allowed(type_):
             return _json(404, "unknown key")
-        stored = await store.get(type_)
+        try:
+            stored = await store.get(type_)
+        except RedisError as exc:  # answered here: the fast path has no handlers
+            log.error("Redis error reading %r: %s", type_, exc)
+            return _json(503, "Redis unavailable")
         if stored is None:
             return _json(404, "unknown key")
         etag = f'"{stored.seq}"'
@@ -294,8 +298,12 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
 
     # Outermost first at run time: metrics, CORS (so preflights and 401s carry
     # CORS headers), the token guard, then the /events fast path.
-    events_route = next(r for r in app.routes if getattr(r, "path", None) == "/events")
-    app.add_middleware(EventsFastPath, handler=open_events, route=events_route)
+    paths = {getattr(r, "path", None): r for r in app.routes}
+    app.add_middleware(
+        FastPaths, events=open_events, read=read_value,
+        routes={"/events": paths["/events"], "/keys/": paths["/keys/{type}"],
+                "/key/": paths["/key/{type}"]},
+    )
     if settings.token:
         app.add_middleware(TokenGuard, token=settings.token)
     if settings.origins:

@@ -14,7 +14,7 @@ extra task only:
 - one small task waits for ``http.disconnect`` so a client that goes away is
   unregistered at once, even when nothing is being published.
 
-``GET /events`` is also routed to it by a pure ASGI fast path (``EventsFastPath``)
+``GET /events`` is also routed to it by a pure ASGI fast path (``FastPaths``)
 ahead of FastAPI's router, whose per-request state (exit stacks, dependency
 results) would otherwise stay alive for the whole life of each stream; the
 FastAPI route stays for the OpenAPI schema and runs the same code.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -74,20 +74,53 @@ async def _watch_disconnect(receive: Receive, client: Client) -> None:
 
 
 EventsHandler = Callable[[list[str], str | None, str | None], Response]
+ReadHandler = Callable[[str, str | None], Awaitable[Response]]
 
 
-class EventsFastPath:
-    """``GET /events`` straight to the stream, without FastAPI's per-request state."""
+class FastPaths:
+    """The hot routes straight to their handlers, ahead of FastAPI's router.
 
-    def __init__(self, app: ASGIApp, handler: EventsHandler, route: Any = None) -> None:
+    ``GET /events``: FastAPI's per-request state (exit stacks, dependency results)
+    would otherwise stay alive for the whole life of each stream.  ``GET
+    /keys/{type}`` and ``/key/{type}``: dependency solving costs more than the
+    read itself.  The FastAPI routes stay for the OpenAPI schema (and any other
+    method) and run the same handlers; this only skips the routing machinery.
+    """
+
+    def __init__(
+        self, app: ASGIApp, events: EventsHandler, read: ReadHandler,
+        routes: dict[str, Any],
+    ) -> None:
         self.app = app
-        self.handler = handler
-        self.route = route
+        self.events = events
+        self.read = read
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/events" or scope["method"] != "GET":
-            await self.app(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "GET":
+            path: str = scope["path"]
+            if path == "/events":
+                await self._events(scope, receive, send)
+                return
+            for prefix in ("/keys/", "/key/"):
+                if path.startswith(prefix):
+                    name = path[len(prefix):]
+                    if name and "/" not in name:
+                        await self._read(prefix, name, scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
+
+    async def _read(self, prefix: str, name: str, scope: Scope, receive: Receive,
+                    send: Send) -> None:
+        scope["route"] = self.routes.get(prefix)
+        etag: str | None = None
+        for key, value in scope["headers"]:
+            if key == b"if-none-match":
+                etag = value.decode("latin-1")
+        response = await self.read(name, etag)
+        await response(scope, receive, send)
+
+    async def _events(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys: list[str] = []
         last_event_id: str | None = None
         query: bytes = scope.get("query_string", b"")
@@ -101,7 +134,6 @@ class EventsFastPath:
         for name, value in scope["headers"]:
             if name == b"last-event-id":
                 header = value.decode("latin-1")
-        if self.route is not None:
-            scope["route"] = self.route  # for the request metrics' route label
-        response = self.handler(keys, last_event_id, header)
+        scope["route"] = self.routes.get("/events")
+        response = self.events(keys, last_event_id, header)
         await response(scope, receive, send)

@@ -9,9 +9,11 @@ from the prefix, which is why this needs a single Redis (not a Cluster).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
 
 from kv_updater.keys import KeyLayout
 
@@ -72,20 +74,72 @@ def _looks_stored(value: bytes) -> bool:
 
 
 class Store:
+    """The API's reads.
+
+    ``get`` is pipelined automatically: the reads requested during one turn of the
+    event loop go to Redis as one pipeline (one write, one read) instead of one
+    round trip each - on a busy server most of a request's cost is system calls.
+    Each read is still its own atomic script.
+    """
+
     def __init__(self, client: aioredis.Redis, layout: KeyLayout) -> None:
         self.client = client
         self.layout = layout
         self._read_one = client.register_script(READ_ONE)
         self._snapshot = client.register_script(SNAPSHOT)
+        self._queued: list[tuple[str, asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def get(self, type_: str) -> Stored | None:
         """The stored value of an indexed type, with the seq of its commit."""
-        reply: Any = await self._read_one(
-            keys=[self.layout.index, self.layout.data_key(type_)], args=[type_]
-        )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((type_, future))
+        reply = await future
         if not reply or not _looks_stored(reply[1]):
             return None
         return Stored(type_, int(reply[0]), reply[1])
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._read_batch(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _read_batch(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> None:
+        try:
+            replies = await self._pipelined(batch)
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else RedisError("read cancelled")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipelined(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> list[Any]:
+        index, data_key = self.layout.index, self.layout.data_key
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for type_, _ in batch:
+                pipe.evalsha(self._read_one.sha, 2, index, data_key(type_), type_)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                # Redis lost its script cache (restart, SCRIPT FLUSH): load it, redo.
+                await self.client.script_load(READ_ONE)
+                continue
+            return replies
+        raise AssertionError("unreachable")
 
     async def snapshot(self, since: int = 0, types: frozenset[str] | None = None) -> Snapshot:
         """Global seq and every (filtered) indexed key committed after ``since``."""

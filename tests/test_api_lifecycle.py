@@ -98,6 +98,8 @@ def test_readiness_and_streams_through_a_redis_restart() -> None:
             await writer.put("p3")
             expected = kv_state(client)
             assert expected["p3"]["seq"] == 6, "the restart kept the data"
+            # The restarted Redis lost its script cache: reads load it again.
+            assert api.get("/keys/p3").json() == expected["p3"]
             await follower.read_until(lambda f: f.state == expected, within=20)
             check_against_log(follower, log)
             await follower.stream.aclose()

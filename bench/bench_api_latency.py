@@ -1,0 +1,253 @@
+"""Publish-to-client latency through the whole chain, at a fixed publish rate.
+
+Project: publisher -> Redis ``update`` -> ``python -m kv_updater`` (atomic commit)
+-> Redis ``update:stored`` -> ``python -m api_server`` -> SSE clients.
+Baseline: publisher -> Redis ``update`` -> the same clients subscribed to Redis
+directly (one hop: the floor any chain on this machine starts from).
+
+Each message carries its publish instant (CLOCK_MONOTONIC, shared by every
+process of the machine) as ``values.t``; every client computes now - t for every
+event it receives.  The first second is warm-up and not counted.  Clients run in
+a process of their own; the publisher paces itself from a thread of its own.
+
+Usage: flock /tmp/bench.lock python bench/bench_api_latency.py [--rate 1000]
+       [--clients 100] [--seconds 10] [--keys 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+import orjson
+from api_common import ROOT, ApiProcess, percentile, raise_nofile
+from common import BenchRedis, free_port, machine, wait_for
+
+_T = re.compile(rb'"t":(\d+)')
+MEASURED = 10
+"""Clients that time every event they get; the others only drain."""
+SUBSCRIBE_UPDATE = b"*2\r\n$9\r\nSUBSCRIBE\r\n$6\r\nupdate\r\n"
+
+
+class Timing(asyncio.Protocol):
+    """Parses only the ``"t":N`` of each event; keeps the latency of each, in ns.
+
+    With ``samples`` None it only drains what it gets: the measuring clients are a
+    subset, so that parsing in Python does not make the client process the
+    bottleneck of a 2-core machine (every client still receives every event)."""
+
+    def __init__(self, samples: list[int] | None, since_ns: list[int]) -> None:
+        self.samples = samples
+        self.since_ns = since_ns
+        self.rest = b""
+        self.ready = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        if not self.ready.done():
+            self.ready.set_result(None)
+        if self.samples is None:
+            return
+        buf = self.rest + data
+        cut = buf.rfind(b"}") + 1  # numbers before the last "}" are complete
+        self.rest = buf[cut:]
+        since = self.since_ns[0]
+        for match in _T.finditer(buf, 0, cut):
+            sent = int(match.group(1))
+            if sent >= since:
+                self.samples.append(now - sent)
+
+
+def _clients_main(port: int, n: int, path: str | None, since_ns: Any, out: Any,
+                  ready: Any, stop: Any) -> None:
+    import uvloop
+
+    raise_nofile()
+    uvloop.run(_clients(port, n, path, since_ns, out, ready, stop))
+
+
+async def _clients(port: int, n: int, path: str | None, since_ns: Any, out: Any,
+                   ready: Any, stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    samples: list[int] = []
+    since = [1 << 62]
+    protos = []
+    for i in range(n):
+        measured = samples if i < MEASURED else None
+        transport, proto = await loop.create_connection(
+            lambda m=measured: Timing(m, since), "127.0.0.1", port  # type: ignore[misc]
+        )
+        transport.write(SUBSCRIBE_UPDATE if path is None else
+                        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        protos.append((transport, proto))
+    await asyncio.gather(*(p.ready for _, p in protos))
+    ready.set()
+    while not stop.is_set():
+        since[0] = since_ns.value
+        await asyncio.sleep(0.01)
+    for transport, _ in protos:
+        transport.close()
+    samples.sort()
+    out.send([percentile(samples, q) for q in (50, 90, 99, 99.9, 100)] + [len(samples)])
+
+
+def publish(port: int, rate: float, seconds: float, keys: int, stop_at: list[float]) -> int:
+    """PUBLISH ``rate`` messages per second for ``seconds`` from this thread."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reader = hiredis.Reader()
+    sent = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        due = int(rate * elapsed) + 1
+        while sent < due:
+            t = time.monotonic_ns()
+            msg = orjson.dumps({
+                "type": f"sensor-{sent % keys:04d}",
+                "updated": f"2026-12-03T12:00:00.{sent:06d}Z"
+                if sent < 1_000_000 else "2026-12-03T13:00:00Z",
+                "values": {"temperature": 20.5, "status": "ok", "t": t},
+            })
+            sock.sendall(hiredis.pack_command(("PUBLISH", "update", msg)))
+            sent += 1
+        # replies are drained as they come, never awaited one by one
+        with contextlib.suppress(BlockingIOError):
+            reader.feed(sock.recv(1 << 16, socket.MSG_DONTWAIT))
+        time.sleep(0.0005)
+    stop_at.append(time.perf_counter())
+    sock.close()
+    return sent
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Figures:
+    p50: float
+    p90: float
+    p99: float
+    p999: float
+    worst: float
+    samples: int
+    published: int
+    cpu: str = ""
+
+    def line(self) -> str:
+        ms = 1e6
+        return (f"p50 {self.p50 / ms:.2f} ms, p90 {self.p90 / ms:.2f} ms, "
+                f"p99 {self.p99 / ms:.2f} ms, p99.9 {self.p999 / ms:.2f} ms, "
+                f"max {self.worst / ms:.1f} ms ({self.samples} samples, "
+                f"{self.published} published)"
+                + (f"\n    CPU busy: {self.cpu}" if self.cpu else ""))
+
+
+def measure(redis: BenchRedis, port: int, path: str | None, args: argparse.Namespace,
+            pids: dict[str, int]) -> Figures:
+    ctx = mp.get_context("spawn")
+    since = ctx.Value("q", 1 << 62, lock=False)
+    parent, child = ctx.Pipe()
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_clients_main,
+                       args=(port, args.clients, path, since, child, ready, stop), daemon=True)
+    proc.start()
+    if path is not None:
+        # SSE clients only start reading once something is published: prime them.
+        primer = redis.client
+        primer.publish("update", orjson.dumps({
+            "type": "sensor-0000", "updated": "2026-12-03T11:00:00Z", "values": {"t": 0}}))
+    if not ready.wait(60):
+        raise RuntimeError("clients did not connect")
+    since.value = time.monotonic_ns() + 1_000_000_000  # the first second is warm-up
+    stop_at: list[float] = []
+    pids = {**pids, "redis": redis.proc.pid, "clients": proc.pid or 0}
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    wall0 = time.perf_counter()
+    published = publish(redis.port, args.rate, args.seconds, args.keys, stop_at)
+    busy = ", ".join(
+        f"{name} {100 * (cpu_seconds(pid) - cpu0[name]) / (time.perf_counter() - wall0):.0f}%"
+        for name, pid in pids.items()
+    )
+    time.sleep(0.5)  # the last events in flight
+    stop.set()
+    figures = parent.recv()
+    proc.join(30)
+    return Figures(*figures[:5], samples=int(figures[5]), published=published, cpu=busy)
+
+
+def run_updater(redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kv_updater", "--redis-url", redis_url, "--metrics-port",
+         str(port), "--metrics-host", "127.0.0.1", "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kv_updater exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    wait_for(ready, 30, "kv_updater /ready", interval=0.05)
+    return proc, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="publish-to-SSE-client latency")
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--keys", type=int, default=100)
+    args = parser.parse_args()
+    raise_nofile()
+
+    redis = BenchRedis()
+    try:
+        base = measure(redis, redis.port, None, args, {})
+    finally:
+        redis.stop()
+
+    redis = BenchRedis()
+    updater, _ = run_updater(redis.url)
+    api = ApiProcess(redis.url)
+    try:
+        proj = measure(redis, api.port, "/events", args,
+                       {"kv_updater": updater.pid, "api_server": api.proc.pid})
+    finally:
+        api.stop()
+        updater.terminate()
+        updater.wait(15)
+        redis.stop()
+    print(f"machine: {machine()}")
+    print(f"{args.rate:.0f} msg/s over {args.keys} keys for {args.seconds:.0f} s, "
+          f"{args.clients} clients, {MEASURED} of them timing every event "
+          "(first second not counted)")
+    print(f"baseline (publisher -> Redis -> subscriber):                      {base.line()}")
+    print(f"project  (publisher -> kv_updater -> api_server -> SSE client): {proj.line()}")
+    print(f"ratio project/baseline p99: {proj.p99 / base.p99:.1f}; "
+          f"project p99 <= 10 ms: {'yes' if proj.p99 <= 10e6 else 'NO'}")
+
+
+if __name__ == "__main__":
+    threading.stack_size(0)
+    main()
