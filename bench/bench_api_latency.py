@@ -121,7 +121,8 @@ def publish(port: int, rate: float, seconds: float, keys: int, stop_at: list[flo
                 if sent < 1_000_000 else "2026-12-03T13:00:00Z",
                 "values": {"temperature": 20.5, "status": "ok", "t": t},
             })
-            sock.sendall(hiredis.pack_command(("PUBLISH", "update", msg)))
+            command: Any = ("PUBLISH", "update", msg)  # hiredis's stub types 1-tuples only
+            sock.sendall(hiredis.pack_command(command))
             sent += 1
         # replies are drained as they come, never awaited one by one
         with contextlib.suppress(BlockingIOError):
@@ -188,7 +189,8 @@ def measure(redis: BenchRedis, port: int, path: str | None, args: argparse.Names
     stop.set()
     figures = parent.recv()
     proc.join(30)
-    return Figures(*figures[:5], samples=int(figures[5]), published=published, cpu=busy)
+    p50, p90, p99, p999, worst, count = figures
+    return Figures(p50, p90, p99, p999, worst, int(count), published, busy)
 
 
 def run_updater(redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
