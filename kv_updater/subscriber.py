@@ -186,7 +186,10 @@ class Subscription:
         while True:
             reader_gets = self._reader.gets
             while len(out) < limit:
-                reply = reader_gets()
+                try:
+                    reply = reader_gets()
+                except hiredis.ProtocolError as exc:  # a corrupt stream: start afresh
+                    raise SubscriptionLost(f"not a Redis reply ({exc})") from None
                 if reply is False:
                     if self._feed():
                         continue
