@@ -104,6 +104,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         settings.stored_channel,
         max_clients=settings.max_sse_clients,
         keepalive=settings.keepalive_seconds,
+        flush_interval=settings.sse_flush_ms / 1000,
     )
     rules = settings.type_rules()
     metrics = Metrics(hub)

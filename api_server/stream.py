@@ -36,6 +36,7 @@ class Client:
 
     __slots__ = (
         "closed",
+        "dirty",
         "floor",
         "last_id",
         "needs_snapshot",
@@ -58,20 +59,22 @@ class Client:
         self.ping_due = False
         self.closed = False
         self.registered = False
+        self.dirty = False
         self.waiter: asyncio.Future[None] | None = None
 
-    def offer(self, event: Event) -> bool:
-        """Queue a commit for this client; True when it replaced a pending one."""
+    def offer(self, event: Event, dirty: list[Client]) -> bool:
+        """Queue a commit for this client; True when it replaced a pending one.
+
+        The client is listed in ``dirty`` (once) for the hub to wake it: waking is
+        done per flush, not per commit (see Hub.dispatch)."""
         if event.seq <= self.floor:
             return False
         pending = self.pending
         replaced = pending.pop(event.type, None) is not None
         pending[event.type] = event
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if not self.dirty:
+            self.dirty = True
+            dirty.append(self)
         return replaced
 
     def wake(self) -> None:
