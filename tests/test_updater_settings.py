@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -244,3 +246,13 @@ def test_the_start_line_masks_a_password_in_any_url_form(url: str) -> None:
     assert "ter2" not in shown
     assert "***" in shown
     assert shown.split("//")[0] == url.split("//")[0]
+
+
+def test_the_console_script_and_the_module_both_run() -> None:
+    script = Path(sys.executable).with_name("kv-updater")
+    assert script.exists()
+    for command in ([str(script), "--help"], [sys.executable, "-m", "kv_updater", "--help"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done
+        assert "--redis-url" in done.stdout
+        assert "--dead-letter" in done.stdout
