@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,52 @@ def test_redis_statefulset_config() -> None:
     secret = by_kind("Secret")["chain-secrets"]["stringData"]
     assert secret["REDIS_URL"].startswith("redis://redis:6379")
     assert "redis" in by_kind("Service")
+
+
+def test_redis_conf_loads_in_a_real_redis(tmp_path: Path) -> None:
+    """The StatefulSet's redis.conf, as Redis itself reads it (a typo would stop the pod)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    import socket
+
+    import redis
+
+    text = by_kind("ConfigMap")["redis-config"]["data"]["redis.conf"]
+    assert re.search(r"^dir /data$", text, re.M)  # the StatefulSet's volume
+    conf = tmp_path / "redis.conf"
+    conf.write_text(re.sub(r"^dir .*$", f"dir {tmp_path}", text, flags=re.M))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    overrides = ["--port", str(port), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [server, str(conf), *overrides, "--daemonize", "no"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = redis.Redis(port=port, socket_timeout=2)
+    try:
+        for _ in range(100):
+            if proc.poll() is not None:
+                out = proc.stdout.read() if proc.stdout else ""
+                pytest.fail(f"redis-server refused the config:\n{out}")
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        config = {str(k): str(v) for k, v in client.config_get("*").items()}
+        assert "pubsub 268435456 134217728 60" in config["client-output-buffer-limit"]
+        assert config["maxmemory-policy"] == "noeviction"
+        assert config["appendonly"] == "yes"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
 
 
 def test_ingress_keeps_sse_unbuffered_with_long_timeouts() -> None:
