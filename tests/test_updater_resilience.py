@@ -182,6 +182,9 @@ def test_a_burst_does_not_get_the_updater_dropped(redis_url: str, r: redis.Redis
         wait_until(lambda: sum(scrape(port, f"kvupdater_messages_{w}_total") or 0 for w in (
             "committed", "superseded", "stale", "unchanged")) == len(stream), 30,
             message="every message committed or superseded")
+        # Each commit is read back; the validation counts move last.
+        wait_until(lambda: scrape(port, "kvupdater_validations_total") == scrape(
+            port, "kvupdater_messages_committed_total"), 10, message="every commit read back")
         assert scrape(port, "kvupdater_reconnects_total") == 0
         assert scrape(port, "kvupdater_validation_failures_total") == 0
         assert error_lines(svc.log) == []
