@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 import tempfile
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
@@ -95,6 +96,37 @@ def test_a_unix_socket_with_a_password() -> None:
         with InProcessUpdater(settings_for(url)):
             publish_all(client, "update", [message("over-unix")])
             wait_until(partial(client.exists, "over-unix"), 10, message="the message")
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("openssl") is None,
+                    reason="needs redis-server and openssl")
+@pytest.mark.parametrize("verify", ["ca", "none"])
+def test_rediss_with_a_verified_or_an_unverified_certificate(tmp_path: Path, verify: str) -> None:
+    """TLS for both the subscription (its own ssl context) and the commits (redis-py)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    tls_port = free_port()
+    server = LocalRedis(["--tls-port", str(tls_port), "--tls-auth-clients", "no",
+                         "--tls-cert-file", str(tmp_path / "cert.pem"),
+                         "--tls-key-file", str(tmp_path / "key.pem"),
+                         "--tls-ca-cert-file", str(tmp_path / "cert.pem")])
+    server.start()
+    query = f"ssl_ca_certs={tmp_path / 'cert.pem'}" if verify == "ca" else "ssl_cert_reqs=none"
+    url = f"rediss://127.0.0.1:{tls_port}/0?{query}"
+    try:
+        client = redis.Redis.from_url(url)
+        with InProcessUpdater(settings_for(url)) as up:
+            publish_all(client, "update", [message("over-tls")])
+            wait_until(partial(client.exists, "over-tls"), 10, message="the message")
+            wait_until(lambda: up.metric("kvupdater_validations_total") == 1, 10,
+                       message="read back")
         client.close()
     finally:
         server.stop()
