@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import RedisError
 
 from kv_updater.backoff import Backoff, Outage
@@ -42,7 +44,16 @@ def _url_of(client: aioredis.Redis) -> str:
         auth = f"{user}:{quote(str(kw['password']), safe='')}@"
     if kw.get("path"):
         return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
-    return f"redis://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    where = f"{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    if not issubclass(client.connection_pool.connection_class, SSLConnection):
+        return f"redis://{where}"
+    # A TLS client: the subscription needs TLS too, with the same certificate settings.
+    tls = {}
+    for name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        value = kw.get(name)
+        if value is not None:
+            tls[name] = value.name if isinstance(value, ssl.VerifyMode) else str(value)
+    return f"rediss://{where}" + (f"?{urlencode(tls)}" if tls else "")
 
 
 class KVUpdater:

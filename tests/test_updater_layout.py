@@ -127,6 +127,11 @@ def test_rediss_with_a_verified_or_an_unverified_certificate(tmp_path: Path, ver
             wait_until(partial(client.exists, "over-tls"), 10, message="the message")
             wait_until(lambda: up.metric("kvupdater_validations_total") == 1, 10,
                        message="read back")
+        # The seed's constructor with a TLS client: the subscription must use TLS too.
+        seed = KVUpdater(aioredis.Redis.from_url(url), "update", True)
+        with InProcessUpdater(seed):
+            publish_all(client, "update", [message("seed-over-tls")])
+            wait_until(partial(client.exists, "seed-over-tls"), 10, message="the message")
         client.close()
     finally:
         server.stop()
