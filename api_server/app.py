@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -74,11 +76,29 @@ def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> JS
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 0
+
+
+class ErrorLog:
+    """Redis errors while serving requests: the first at once, then at most one line
+    per ``interval`` with how many were held back - an outage under load must not
+    write one ERROR per request."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last = -interval
+        self._held = 0
+
+    def error(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._held += 1
+            return
+        more = f" (+{self._held} more since the last report)" if self._held else ""
+        log.error("Redis error %s: %s%s", what, exc, more)
+        self._last, self._held = now, 0
 
 
 def make_redis(settings: ApiSettings) -> aioredis.Redis:
@@ -97,7 +117,12 @@ def make_redis(settings: ApiSettings) -> aioredis.Redis:
 
 def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
     client = make_redis(settings)
-    store = Store(client, settings.layout)
+    probe = aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=READY_TIMEOUT, socket_connect_timeout=READY_TIMEOUT,
+        client_name="api-server-probe", max_connections=4,
+    )
+    store = Store(client, settings.layout, probe)
+    errors = ErrorLog()
     hub = Hub(
         store,
         settings.redis_url,
@@ -120,6 +145,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         finally:
             await hub.stop()
             await client.aclose()
+            await probe.aclose()
 
     app = FastAPI(
         title="api_server",
@@ -133,7 +159,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
-        log.error("Redis error serving %s: %s", request.url.path, exc)
+        errors.error(f"serving {request.url.path}", exc)
         return _json(503, "Redis unavailable")
 
     @app.exception_handler(Exception)
@@ -148,7 +174,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         try:
             stored = await store.get(type_)
         except RedisError as exc:  # answered here: the fast path has no handlers
-            log.error("Redis error reading %r: %s", type_, exc)
+            errors.error(f"reading {type_!r}", exc)
             return _json(503, "Redis unavailable")
         if stored is None:
             return _json(404, "unknown key")

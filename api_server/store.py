@@ -82,9 +82,14 @@ class Store:
     Each read is still its own atomic script.
     """
 
-    def __init__(self, client: aioredis.Redis, layout: KeyLayout) -> None:
+    def __init__(
+        self, client: aioredis.Redis, layout: KeyLayout, probe: aioredis.Redis | None = None
+    ) -> None:
         self.client = client
         self.layout = layout
+        # Health checks use a connection of their own: a pool busy with snapshot
+        # reads must not make the server look unready.
+        self.probe = probe or client
         self._read_one = client.register_script(READ_ONE)
         self._snapshot = client.register_script(SNAPSHOT)
         self._queued: list[tuple[str, asyncio.Future[Any]]] = []
@@ -166,4 +171,4 @@ class Store:
         return [(name.decode(), int(score)) for name, score in pairs]
 
     async def ping(self) -> bool:
-        return bool(await self.client.ping())
+        return bool(await self.probe.ping())
