@@ -33,8 +33,13 @@ from typing import Any
 
 import hiredis
 import orjson
+import redis.asyncio as aioredis
 from api_common import ROOT, ApiProcess, percentile, raise_nofile
 from common import BenchRedis, free_port, machine, wait_for
+
+from kv_updater.commit import Committer
+from kv_updater.keys import KeyLayout
+from kv_updater.message import Accepted, MessageRules
 
 _T = re.compile(rb'"t":(\d+)')
 MEASURED = 10
@@ -133,6 +138,36 @@ def publish(port: int, rate: float, seconds: float, keys: int, stop_at: list[flo
     return sent
 
 
+def commit_directly(url: str, rate: float, seconds: float, keys: int,
+                    stop_at: list[float]) -> int:
+    """What kv_updater does per message, from this thread: parse with the message
+    rules and commit with kv_updater's Committer, one message per commit."""
+    rules = MessageRules(KeyLayout())
+
+    async def run() -> int:
+        client = aioredis.Redis.from_url(url)
+        committer = Committer(client, KeyLayout(), "update:stored", validate=False)
+        sent = 0
+        start = time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            due = int(rate * elapsed) + 1
+            while sent < due:
+                msg = rules.parse(orjson.dumps({
+                    "type": f"sensor-{sent % keys:04d}",
+                    "updated": f"2026-12-03T12:00:00.{sent:06d}Z",
+                    "values": {"temperature": 20.5, "status": "ok", "t": time.monotonic_ns()},
+                }))
+                assert isinstance(msg, Accepted)
+                await committer.commit([msg])
+                sent += 1
+            await asyncio.sleep(0.0005)
+        stop_at.append(time.perf_counter())
+        await client.aclose()
+        return sent
+
+    return asyncio.run(run())
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -160,7 +195,7 @@ class Figures:
 
 
 def measure(redis: BenchRedis, port: int, path: str | None, args: argparse.Namespace,
-            pids: dict[str, int]) -> Figures:
+            pids: dict[str, int], direct: bool = False) -> Figures:
     ctx = mp.get_context("spawn")
     since = ctx.Value("q", 1 << 62, lock=False)
     parent, child = ctx.Pipe()
@@ -180,7 +215,10 @@ def measure(redis: BenchRedis, port: int, path: str | None, args: argparse.Names
     pids = {**pids, "redis": redis.proc.pid, "clients": proc.pid or 0}
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     wall0 = time.perf_counter()
-    published = publish(redis.port, args.rate, args.seconds, args.keys, stop_at)
+    if direct:
+        published = commit_directly(redis.url, args.rate, args.seconds, args.keys, stop_at)
+    else:
+        published = publish(redis.port, args.rate, args.seconds, args.keys, stop_at)
     busy = ", ".join(
         f"{name} {100 * (cpu_seconds(pid) - cpu0[name]) / (time.perf_counter() - wall0):.0f}%"
         for name, pid in pids.items()
@@ -220,13 +258,36 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--keys", type=int, default=100)
+    parser.add_argument("--api-only", action="store_true",
+                        help="only the api_server's share (commits made in-process)")
     args = parser.parse_args()
     raise_nofile()
+
+    if args.api_only:
+        redis = BenchRedis()
+        api = ApiProcess(redis.url)
+        try:
+            alone = measure(redis, api.port, "/events", args, {"api_server": api.proc.pid},
+                            direct=True)
+        finally:
+            api.stop()
+            redis.stop()
+        print(f"share of api_server (Committer in-process -> api_server -> SSE): {alone.line()}")
+        return
 
     redis = BenchRedis()
     try:
         base = measure(redis, redis.port, None, args, {})
     finally:
+        redis.stop()
+
+    redis = BenchRedis()
+    api = ApiProcess(redis.url)
+    try:
+        alone = measure(redis, api.port, "/events", args, {"api_server": api.proc.pid},
+                        direct=True)
+    finally:
+        api.stop()
         redis.stop()
 
     redis = BenchRedis()
@@ -246,6 +307,7 @@ def main() -> None:
           "(first second not counted)")
     print(f"baseline (publisher -> Redis -> subscriber):                      {base.line()}")
     print(f"project  (publisher -> kv_updater -> api_server -> SSE client): {proj.line()}")
+    print(f"share of api_server (Committer in-process -> api_server -> SSE): {alone.line()}")
     print(f"ratio project/baseline p99: {proj.p99 / base.p99:.1f}; "
           f"project p99 <= 10 ms: {'yes' if proj.p99 <= 10e6 else 'NO'}")
 
