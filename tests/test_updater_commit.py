@@ -337,3 +337,41 @@ def test_a_flushed_script_cache_is_reloaded_without_repeating_dead_letters(
     assert outcome.committed == 1
     assert r.exists("after")
     assert r.xlen("dead") == 1
+
+
+WIDE = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30))
+
+
+@st.composite
+def any_timestamp(draw: st.DrawFn) -> str:
+    moment = draw(WIDE)
+    minutes = draw(st.integers(-1439, 1439))
+    local = moment.replace(tzinfo=UTC).astimezone(timezone(timedelta(minutes=minutes)))
+    fraction = draw(st.text("0123456789", max_size=14))
+    sign = "+" if minutes >= 0 else "-"
+    zone = "Z" if minutes == 0 and draw(st.booleans()) else (
+        f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}")
+    wall = (f"{local.year:04d}-{local.month:02d}-{local.day:02d}T"  # strftime: no padded years
+            f"{local.hour:02d}:{local.minute:02d}:{local.second:02d}")
+    return wall + (f".{fraction}" if fraction else "") + zone
+
+
+def test_any_two_timestamps_order_like_their_instants(redis_url: str) -> None:
+    """Stale protection (instant keys compared in Lua) against an exact oracle, over the
+    whole RFC 3339 range: years 1-9999, offsets to +-23:59, fractions to 14 digits."""
+    with Persister(settings_for(redis_url)) as p:
+        count = [0]
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(first=any_timestamp(), second=any_timestamp())
+        def check(first: str, second: str) -> None:
+            count[0] += 1
+            key = f"pair{count[0]}"
+            assert p.ok(message(key, updated=first, values={"n": 1})) > 0
+            status = p.ok(message(key, updated=second, values={"n": 2}))
+            if instant(second) >= instant(first):
+                assert status > 0, (first, second)
+            else:
+                assert status == STALE, (first, second)
+
+        check()

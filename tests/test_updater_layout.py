@@ -1,12 +1,10 @@
-"""Key layout, channels, connection forms, start-up without Redis, and bounded logging."""
+"""Where the updater writes (prefix, namespace, channels) and the ways it reaches Redis."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 import tempfile
-from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 
@@ -15,8 +13,6 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from harness import LocalRedis, RedisServer, free_port, wait_until
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from updater_fixtures import (
     InProcessUpdater,
     Listener,
@@ -24,7 +20,6 @@ from updater_fixtures import (
     acl_user,
     all_keys,
     http_get,
-    instant,
     message,
     publish_all,
     scrape,
@@ -35,7 +30,6 @@ from updater_fixtures import (
 )
 
 from kv_updater import KVUpdater, Rejected
-from kv_updater.commit import STALE
 
 
 def test_key_prefix_namespace_and_stored_channel_are_honoured(
@@ -155,54 +149,3 @@ def test_starting_while_redis_is_down_waits_for_it(own_redis: RedisServer) -> No
         svc.wait_log("Redis is back")
         assert scrape(port, "kvupdater_reconnects_total") == 0  # never lost: never had it
     assert svc.log.count(" ERROR ") == 1
-
-
-def test_a_flood_of_junk_is_logged_in_bounded_lines_and_counted_in_full(
-    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="kv_updater")
-    with InProcessUpdater(settings_for(redis_url)) as up:
-        publish_all(r, "update", [b'{"type": 1}'] * 500 + [message("end")])
-        wait_until(partial(r.exists, "end"), 10, message="the end marker")
-        assert up.metric("kvupdater_messages_rejected_total", {"reason": "bad_type"}) == 500
-    texts = [rec.getMessage() for rec in caplog.records]
-    assert len([t for t in texts if t.startswith("malformed message")]) == 20
-    assert "480 more rejected messages not logged in the last 5 s (see the metrics)" in texts
-
-
-WIDE = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30))
-
-
-@st.composite
-def any_timestamp(draw: st.DrawFn) -> str:
-    moment = draw(WIDE)
-    minutes = draw(st.integers(-1439, 1439))
-    local = moment.replace(tzinfo=UTC).astimezone(timezone(timedelta(minutes=minutes)))
-    fraction = draw(st.text("0123456789", max_size=14))
-    sign = "+" if minutes >= 0 else "-"
-    zone = "Z" if minutes == 0 and draw(st.booleans()) else (
-        f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}")
-    wall = (f"{local.year:04d}-{local.month:02d}-{local.day:02d}T"  # strftime: no padded years
-            f"{local.hour:02d}:{local.minute:02d}:{local.second:02d}")
-    return wall + (f".{fraction}" if fraction else "") + zone
-
-
-def test_any_two_timestamps_order_like_their_instants(redis_url: str) -> None:
-    """Stale protection (instant keys compared in Lua) against an exact oracle, over the
-    whole RFC 3339 range: years 1-9999, offsets to +-23:59, fractions to 14 digits."""
-    with Persister(settings_for(redis_url)) as p:
-        count = [0]
-
-        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(first=any_timestamp(), second=any_timestamp())
-        def check(first: str, second: str) -> None:
-            count[0] += 1
-            key = f"pair{count[0]}"
-            assert p.ok(message(key, updated=first, values={"n": 1})) > 0
-            status = p.ok(message(key, updated=second, values={"n": 2}))
-            if instant(second) >= instant(first):
-                assert status > 0, (first, second)
-            else:
-                assert status == STALE, (first, second)
-
-        check()

@@ -392,3 +392,16 @@ def test_an_unhashable_valid_does_not_kill_the_service(redis_url: str, r: redis.
         wait_until(lambda: r.exists("after"), 10, message="the message after the junk")
         assert up.metric("kvupdater_messages_rejected_total", {"reason": "bad_valid"}) == 2
         assert up.thread.is_alive()
+
+
+def test_a_flood_of_junk_is_logged_in_bounded_lines_and_counted_in_full(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kv_updater")
+    with InProcessUpdater(settings_for(redis_url)) as up:
+        publish_all(r, "update", [b'{"type": 1}'] * 500 + [doc(type="end")])
+        wait_until(lambda: r.exists("end"), 10, message="the end marker")
+        assert up.metric("kvupdater_messages_rejected_total", {"reason": "bad_type"}) == 500
+    texts = [rec.getMessage() for rec in caplog.records]
+    assert len([t for t in texts if t.startswith("malformed message")]) == 20
+    assert "480 more rejected messages not logged in the last 5 s (see the metrics)" in texts

@@ -41,7 +41,7 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def test_defaults_are_designs() -> None:
+def test_defaults_are_the_designs() -> None:
     s = load()
     assert s.redis_url == "redis://localhost:6379/0"
     assert (s.channel, s.stored_channel) == ("update", "update:stored")

@@ -49,9 +49,16 @@ class ReadBackProxy:
             asyncio.start_server(self._serve, "127.0.0.1", self.port))
         self._started.set()
         self.loop.run_forever()
-        self._server.close()
-        self.loop.run_until_complete(self._server.wait_closed())
         self.loop.close()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.loop.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
@@ -90,7 +97,7 @@ class ReadBackProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
         self.thread.join(10)
 
 
@@ -123,7 +130,8 @@ def test_a_foreign_write_between_commit_and_read_back_is_an_error_and_a_metric(
         assert up.metric("kvupdater_validation_failures_total") == 1
         publish_all(r, "update", [message("later")])  # and the updater carries on
         wait_until(partial(r.exists, "later"), 10, message="a later message")
-    errors = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    errors = [rec for rec in caplog.records
+              if rec.name == "kv_updater" and rec.levelno == logging.ERROR]
     assert [rec.getMessage() for rec in errors] == [
         "validation failed: key 'victim' does not hold what was written"]
 
@@ -143,7 +151,8 @@ def test_a_newer_commit_by_another_updater_is_not_a_mismatch(
         wait_until(lambda: up.metric("kvupdater_validations_total") == 1, 10, message="checked")
         assert up.metric("kvupdater_validation_failures_total") == 0
     assert r.get("contested") == stored_of("2023-10-01T12:00:01Z", {"by": "other"})
-    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert not [rec for rec in caplog.records
+                if rec.name == "kv_updater" and rec.levelno >= logging.ERROR]
 
 
 def test_validation_is_on_by_default_and_summarised_at_info(
