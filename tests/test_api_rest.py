@@ -10,6 +10,7 @@ import pytest
 import redis
 from api_fixtures import LAYOUT, commit_sync, running_api
 
+from api_server.app import STATIC_DIR as STATIC
 from kv_updater.settings import EXIT_BAD_SETTING
 
 
@@ -90,6 +91,13 @@ def test_health_metrics_and_docs(redis_url: str) -> None:
         docs = api.get("/docs")
         assert docs.status_code == 200
         assert "swagger" in docs.text.lower()
+        # The dashboard (its files belong to api_server/static/) is served at /.
+        if (STATIC / "index.html").is_file():
+            page = api.get("/")
+            assert page.status_code == 200
+            assert page.headers["content-type"].startswith("text/html")
+            for name in (p.name for p in STATIC.iterdir() if p.is_file()):
+                assert api.get(f"/static/{name}").status_code == 200, name
 
 
 def test_redis_errors_answer_json_without_a_trace(own_redis: object) -> None:
