@@ -197,9 +197,11 @@ class Hub:
                 client.last_id = since = 0
                 snap = await self.store.snapshot(0, client.types)
         except RedisError as exc:
+            # Redis is likely going away; the hub will notice and wake everyone when
+            # it is back.  Until then retry now and then, not in a tight loop.
             log.debug("snapshot read failed (%s); retrying", exc)
             client.needs_snapshot = True
-            asyncio.get_running_loop().call_later(0.2 + random.random() * 0.3, client.wake)
+            await asyncio.sleep(0.2 + random.random() * 0.3)
             return b""
         client.drop_covered(snap.seq)
         if not snap.values:
