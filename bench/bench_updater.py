@@ -43,7 +43,7 @@ CHANNEL = "update"
 def naive_updater(port: int, channel: str) -> None:
     """The seed, literally: subscribe; per message parse, SET, GET back and compare."""
     client = redis.Redis(port=port)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe(channel)
     for message in pubsub.listen():
         data = json.loads(message["data"])
