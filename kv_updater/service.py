@@ -121,6 +121,12 @@ class KVUpdater:
         log.info("kv-updater: stopping: committing what is in hand")
         if self._subscription is not None:
             self._subscription.unsubscribe()
+            # Redis may never confirm (a silent network): a take() already waiting
+            # would wait for ever, so give up on the confirmation after the grace.
+            with contextlib.suppress(RuntimeError):  # no running loop: run() is not running
+                asyncio.get_running_loop().call_later(
+                    SHUTDOWN_GRACE, self._subscription.abandon
+                )
         if self._stop_event is not None:
             self._stop_event.set()
 

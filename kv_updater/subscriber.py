@@ -211,6 +211,11 @@ class Subscription:
         with contextlib.suppress(SubscriptionLost):  # a lost connection sends nothing more
             self._send("UNSUBSCRIBE")
 
+    def abandon(self) -> None:
+        """Stop waiting for the unsubscribe confirmation: a waiting take() returns."""
+        self.unsubscribed = True
+        self._proto.wakeup.set()
+
     def close(self) -> None:
         if self._proto.transport is not None:
             self._proto.transport.close()

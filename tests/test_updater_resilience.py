@@ -16,6 +16,7 @@ import pytest
 import redis
 from harness import RedisServer, free_port, wait_until
 from updater_fixtures import (
+    RedisProxy,
     data_keys,
     expected_final,
     http_get,
@@ -250,3 +251,19 @@ def test_a_peer_that_is_not_a_working_redis_does_not_crash_the_updater(reply: by
     assert "Traceback" not in svc.log
     (error,) = error_lines(svc.log)
     assert "Redis unavailable" in error
+
+
+def test_a_stop_while_the_network_is_silent_still_ends_within_seconds(
+    redis_server: RedisServer, redis_url: str, r: redis.Redis
+) -> None:
+    """Regression: a take() already waiting when SIGTERM came waited for Redis's
+    unsubscribe confirmation for ever; over a silent network the process never ended."""
+    with RedisProxy(redis_server.host, redis_server.port) as proxy, \
+            updater_process(proxy.url) as svc:
+        wait_subscribed(r, "update")
+        publish_all(r, "update", [message("before")])
+        wait_until(partial(r.exists, "before"), 10, message="a first message")
+        proxy.silence()
+        svc.signal(signal.SIGTERM)
+        assert svc.wait(10) == 0, svc.log
+    assert "kv-updater: stopped" in svc.log

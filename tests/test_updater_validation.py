@@ -2,108 +2,33 @@
 
 A mismatch needs a foreign write landing between the commit and its read-back, which
 travel in one pipelined write.  A small TCP proxy between the updater and Redis holds
-back the read-back of one batch until a test-controlled write has landed: the real
-updater, the real Redis and a real race, made deterministic.
+back the read-back of one batch until a test-controlled write has landed (RedisProxy in
+updater_fixtures): the real updater, the real Redis and a real race, made deterministic.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
-import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import pytest
 import redis
-from harness import RedisServer, free_port, wait_until
+from harness import RedisServer, wait_until
 from updater_fixtures import (
     InProcessUpdater,
     Persister,
+    RedisProxy,
     message,
     publish_all,
     settings_for,
     stored_of,
 )
 
-READBACK = re.compile(rb"\*\d+\r\n\$4\r\nMGET\r\n")
-
-
-class ReadBackProxy:
-    """Forwards TCP to Redis; when armed, runs ``action`` between a commit and its read-back."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.port = free_port()
-        self.action: Callable[[], object] | None = None
-        self.fired = threading.Event()
-        self.loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._server: asyncio.Server | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self._server = self.loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", self.port))
-        self._started.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.loop.stop()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, hold: bool) -> None:
-            try:
-                while data := await src.read(65536):
-                    match = READBACK.search(data) if hold and self.action else None
-                    if match is not None and self.action is not None:
-                        action, self.action = self.action, None
-                        dst.write(data[: match.start()])  # the commit goes on...
-                        await dst.drain()
-                        await asyncio.get_running_loop().run_in_executor(None, action)
-                        self.fired.set()
-                        data = data[match.start() :]  # ...the read-back after the action
-                    dst.write(data)
-                    await dst.drain()
-            except ConnectionError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def arm(self, action: Callable[[], object]) -> None:
-        self.fired.clear()
-        self.action = action
-
-    def __enter__(self) -> ReadBackProxy:
-        self.thread.start()
-        self._started.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
-        self.thread.join(10)
-
 
 @pytest.fixture
-def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[ReadBackProxy]:
-    with ReadBackProxy(redis_server.host, redis_server.port) as p:
+def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[RedisProxy]:
+    with RedisProxy(redis_server.host, redis_server.port) as p:
         yield p
 
 
@@ -114,7 +39,7 @@ def _once_committed(r: redis.Redis, key: str, value: bytes, then: Callable[[], o
 
 
 def test_a_foreign_write_between_commit_and_read_back_is_an_error_and_a_metric(
-    proxy: ReadBackProxy, redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+    proxy: RedisProxy, redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="kv_updater")
     with InProcessUpdater(settings_for(proxy.url)) as up:
@@ -137,7 +62,7 @@ def test_a_foreign_write_between_commit_and_read_back_is_an_error_and_a_metric(
 
 
 def test_a_newer_commit_by_another_updater_is_not_a_mismatch(
-    proxy: ReadBackProxy, redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+    proxy: RedisProxy, redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="kv_updater")
     newer = message("contested", updated="2023-10-01T12:00:01Z", values={"by": "other"})

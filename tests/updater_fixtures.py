@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 import redis
-from harness import ROOT, Service, wait_until
+from harness import ROOT, Service, free_port, wait_until
 
 from kv_updater import Accepted, KVUpdater, Rejected
 from kv_updater.commit import BatchOutcome
@@ -314,6 +314,88 @@ def check_commit_bookkeeping(client: redis.Redis, notes: list[bytes]) -> dict[st
         stored = {k: doc[k] for k in ("updated", "valid", "values")}
         assert client.get(type_) == orjson.dumps(stored)
     return last
+
+
+READBACK = re.compile(rb"\*\d+\r\n\$4\r\nMGET\r\n")
+
+
+class RedisProxy:
+    """Forwards TCP to Redis.  ``arm(action)`` runs ``action`` between a commit and its
+    read-back; ``silence()`` drops every byte from then on, both ways, without closing
+    anything: a network gone quiet."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.port = free_port()
+        self.action: Callable[[], object] | None = None
+        self.fired = threading.Event()
+        self.silent = False
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._server: asyncio.Server | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._started.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.loop.stop()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, hold: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if self.silent:
+                        continue
+                    match = READBACK.search(data) if hold and self.action else None
+                    if match is not None and self.action is not None:
+                        action, self.action = self.action, None
+                        dst.write(data[: match.start()])  # the commit goes on...
+                        await dst.drain()
+                        await asyncio.get_running_loop().run_in_executor(None, action)
+                        self.fired.set()
+                        data = data[match.start() :]  # ...the read-back after the action
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def silence(self) -> None:
+        self.silent = True
+
+    def arm(self, action: Callable[[], object]) -> None:
+        self.fired.clear()
+        self.action = action
+
+    def __enter__(self) -> RedisProxy:
+        self.thread.start()
+        self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        self.thread.join(10)
 
 
 # -- processes and HTTP ---------------------------------------------------------------
