@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections import deque
 from typing import Any, cast
@@ -53,6 +54,19 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or SubscriptionLost("connection closed by Redis")
         self.wakeup.set()
+
+
+def _keepalive(sock: Any) -> None:
+    """TCP keepalive: a subscriber only reads, so a peer that vanished without a FIN
+    (a dead node, a dropped NAT entry) would otherwise never be noticed.  About
+    30 s idle + 3 probes 10 s apart."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _ssl_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
@@ -98,7 +112,8 @@ class Subscription:
             connect = loop.create_connection(
                 _Protocol, kwargs.get("host", "localhost"), kwargs.get("port", 6379), ssl=ssl_ctx
             )
-        _, proto = await asyncio.wait_for(connect, connect_timeout)
+        transport, proto = await asyncio.wait_for(connect, connect_timeout)
+        _keepalive(transport.get_extra_info("socket"))
         sub = cls(proto, hiredis.Reader(), channel)
         try:
             password = kwargs.get("password")
