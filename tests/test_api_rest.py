@@ -20,6 +20,7 @@ def _evalsha_calls(r: redis.Redis) -> int:
     return int(entry.get("calls", 0)) if isinstance(entry, dict) else 0
 
 
+@pytest.mark.smoke
 def test_reads_return_the_stored_value_with_type_and_seq(redis_url: str, r: redis.Redis) -> None:
     commit_sync(redis_url, ["alpha", "beta", "sensor:1.temp"])
     with running_api(redis_url) as api:

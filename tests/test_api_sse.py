@@ -11,6 +11,7 @@ import time
 from queue import Empty, Queue
 
 import httpx
+import pytest
 import redis
 from api_fixtures import (
     Api,
@@ -48,6 +49,7 @@ async def _writer_loop(writer: Writer, types: list[str], stop: asyncio.Event,
     return made
 
 
+@pytest.mark.smoke
 def test_snapshot_then_live_under_concurrent_commits(redis_url: str, r: redis.Redis) -> None:
     """Clients join while commits race their snapshot: each one ends holding the KV,
     ids strictly increase (no duplicate), and every event is the commit of its id."""
@@ -108,6 +110,7 @@ def test_filter_sends_only_the_listed_keys(redis_url: str, r: redis.Redis) -> No
         asyncio.run(scenario(api))
 
 
+@pytest.mark.smoke
 def test_resume_after_a_dropped_connection_while_commits_continue(
     redis_url: str, r: redis.Redis
 ) -> None:
