@@ -14,10 +14,10 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import orjson
 import redis
@@ -26,8 +26,6 @@ from harness import ROOT, Service, free_port, wait_until
 from kv_updater import Accepted, KVUpdater, Rejected
 from kv_updater.commit import BatchOutcome
 from kv_updater.settings import UpdaterSettings
-
-T = TypeVar("T")
 
 SEED_MESSAGE = b"""{
 "type": "key",
@@ -118,10 +116,6 @@ def expected_final(stream: Iterable[bytes]) -> dict[str, bytes]:
 
 
 # -- running things -------------------------------------------------------------------
-def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(factory())
-
-
 class Persister:
     """One updater and one event loop for many persist_data / commit calls."""
 
