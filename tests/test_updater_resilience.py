@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import socket
 import threading
@@ -16,13 +17,16 @@ import pytest
 import redis
 from harness import RedisServer, free_port, wait_until
 from updater_fixtures import (
+    InProcessUpdater,
     RedisProxy,
+    command,
     data_keys,
     expected_final,
     http_get,
     message,
     publish_all,
     scrape,
+    settings_for,
     updater_process,
     wait_log_count,
     wait_subscribed,
@@ -267,3 +271,23 @@ def test_a_stop_while_the_network_is_silent_still_ends_within_seconds(
         svc.signal(signal.SIGTERM)
         assert svc.wait(10) == 0, svc.log
     assert "kv-updater: stopped" in svc.log
+
+
+def test_a_killed_subscription_is_named_and_replaced(
+    redis_url: str, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CLIENT KILL of the subscriber while Redis keeps running: one ERROR saying so,
+    a resubscription, and the next message lands."""
+    caplog.set_level(logging.INFO, logger="kv_updater")
+    with InProcessUpdater(settings_for(redis_url)) as up:
+        assert command(r, "CLIENT", "KILL", "TYPE", "pubsub") == 1
+        wait_until(lambda: up.metric("kvupdater_reconnects_total") == 1, 10,
+                   message="a reconnect")
+        wait_subscribed(r, "update")
+        publish_all(r, "update", [message("after-kill")])
+        wait_until(partial(r.exists, "after-kill"), 10, message="a message after the kill")
+    errors = [rec.getMessage() for rec in caplog.records
+              if rec.name == "kv_updater" and rec.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "while Redis kept running" in errors[0]
+    assert any("Redis is back" in rec.getMessage() for rec in caplog.records)
