@@ -28,6 +28,10 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 FEED_PIECE = 16_384
+IDLE_PING = 10.0
+"""Seconds without a byte from Redis before the subscription asks for a PONG."""
+PING_DEADLINE = 5.0
+"""Seconds the PONG may take: past that, Redis hung or the network went silent."""
 
 
 class SubscriptionLost(ConnectionError):
@@ -91,6 +95,7 @@ class Subscription:
         self._reader = reader
         self._channel = channel.encode()
         self._piece: tuple[bytes, int] | None = None
+        self._ping_sent = False
         self.unsubscribed = False
 
     @classmethod
@@ -212,6 +217,8 @@ class Subscription:
                 if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
                     if reply[1] == channel:
                         out.append(reply[2])
+                elif type(reply) is list and reply[:1] == [b"pong"]:
+                    self._ping_sent = False
                 elif type(reply) is list and reply[:1] == [b"unsubscribe"]:
                     self.unsubscribed = True
                     return out
@@ -219,7 +226,30 @@ class Subscription:
                     raise SubscriptionLost(f"Redis replied with an error: {reply}")
             if out or self.unsubscribed:
                 return out
+            await self._wait_alive()
+
+    async def _wait_alive(self) -> None:
+        """Wait for bytes; when Redis is quiet for IDLE_PING s, check it still answers.
+
+        A subscriber only reads: a hung Redis, or a path that drops packets without
+        closing (a proxy, a NAT), would otherwise look like a quiet channel for ever,
+        with /ready still green while every publish is lost.
+        """
+        if self._proto.chunks or self._piece is not None or self._proto.lost is not None:
             await self._wait()
+            return
+        limit = PING_DEADLINE if self._ping_sent else IDLE_PING
+        try:
+            async with asyncio.timeout(limit):
+                await self._wait()
+        except TimeoutError:
+            if self._ping_sent:
+                raise SubscriptionLost(
+                    f"no answer to PING within {PING_DEADLINE:g} s "
+                    "(Redis hung or the network went silent)"
+                ) from None
+            self._send("PING")
+            self._ping_sent = True
 
     def unsubscribe(self) -> None:
         """Ask Redis to stop sending; messages before the confirmation still arrive."""

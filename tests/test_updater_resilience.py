@@ -27,10 +27,13 @@ from updater_fixtures import (
     publish_all,
     scrape,
     settings_for,
+    subscribers,
     updater_process,
     wait_log_count,
     wait_subscribed,
 )
+
+from kv_updater import subscriber
 
 BASE = datetime(2023, 10, 1, 12, 0, tzinfo=UTC)
 
@@ -291,3 +294,30 @@ def test_a_killed_subscription_is_named_and_replaced(
     assert len(errors) == 1, errors
     assert "while Redis kept running" in errors[0]
     assert any("Redis is back" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_silent_network_is_noticed_by_an_idle_ping_and_the_updater_recovers(
+    redis_server: RedisServer, redis_url: str, r: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: a subscription over a path that went silent (no FIN, no RST) looked
+    like a quiet channel for ever - /ready stayed green while publishes were lost."""
+    monkeypatch.setattr(subscriber, "IDLE_PING", 0.3)
+    monkeypatch.setattr(subscriber, "PING_DEADLINE", 0.5)
+    caplog.set_level(logging.INFO, logger="kv_updater")
+    with RedisProxy(redis_server.host, redis_server.port) as proxy, \
+            InProcessUpdater(settings_for(proxy.url)) as up:
+        wait_subscribed(r, "update")
+        publish_all(r, "update", [message("before-silence")])
+        wait_until(partial(r.exists, "before-silence"), 10, message="a first message")
+        proxy.silence()
+        wait_until(lambda: up.metric("kvupdater_ready") == 0, 10, message="not ready")
+        proxy.silent = False
+        wait_until(lambda: up.metric("kvupdater_ready") == 1, 30, message="ready again")
+        wait_until(lambda: subscribers(r, "update") >= 1, 10, message="a new subscription")
+        publish_all(r, "update", [message("after-silence")])
+        wait_until(partial(r.exists, "after-silence"), 20, message="a message after the silence")
+    errors = [rec.getMessage() for rec in caplog.records
+              if rec.name == "kv_updater" and rec.levelno == logging.ERROR]
+    assert errors, caplog.text
+    assert "no answer to PING" in errors[0], errors
