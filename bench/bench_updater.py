@@ -34,6 +34,7 @@ from common import (
     last_values,
     machine,
     make_messages,
+    pack_publishes,
     wait_for,
 )
 
@@ -94,9 +95,10 @@ def run_naive(bench: BenchRedis, messages: list[bytes]) -> float:
         stderr=subprocess.PIPE,
     )
     try:
+        packed = pack_publishes(CHANNEL, messages)
         wait_subscribed(bench.client, CHANNEL)
         started = time.perf_counter()
-        blast_publish(bench.port, CHANNEL, messages)
+        blast_publish(bench.port, packed)
         wait_for(lambda: bench.client.exists("bench-end") == 1, 600, "the naive updater")
         return time.perf_counter() - started
     finally:
@@ -111,6 +113,15 @@ def scrape(port: int, name: str) -> float:
         if line.startswith(name) and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_project(
@@ -137,13 +148,18 @@ def run_project(
             stderr=subprocess.STDOUT,
         )
     try:
+        packed = pack_publishes(CHANNEL, messages)
         wait_subscribed(bench.client, CHANNEL)
+        cpu_before = cpu_seconds(proc.pid)
+        redis_before = cpu_seconds(bench.proc.pid)
         started = time.perf_counter()
-        publish_seconds = blast_publish(bench.port, CHANNEL, messages)
+        publish_seconds = blast_publish(bench.port, packed)
         wait_for(lambda: bench.client.exists("bench-end") == 1, 600, "kv_updater")
         elapsed = time.perf_counter() - started
         stats = {
             "publish_seconds": publish_seconds,
+            "updater_cpu": cpu_seconds(proc.pid) - cpu_before,
+            "redis_cpu": cpu_seconds(bench.proc.pid) - redis_before,
             "committed": scrape(metrics_port, "kvupdater_messages_committed_total"),
             "superseded": scrape(metrics_port, "kvupdater_messages_superseded_total"),
             "validated": scrape(metrics_port, "kvupdater_validations_total"),
@@ -209,7 +225,8 @@ def main() -> None:
         print(
             f"project   kv_updater (batched, atomic):    {rate:>12,.0f} msg/s "
             f"({len(messages):,} in {project_s:.2f} s; publishing took "
-            f"{stats['publish_seconds']:.2f} s)"
+            f"{stats['publish_seconds']:.2f} s; CPU: updater {stats['updater_cpu']:.2f} s, "
+            f"redis {stats['redis_cpu']:.2f} s)"
         )
         print(
             f"          batches {stats['batches']:,.0f}, committed {stats['committed']:,.0f}, "

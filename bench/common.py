@@ -123,13 +123,20 @@ def last_values(messages: list[bytes]) -> dict[str, bytes]:
     return final
 
 
-def blast_publish(port: int, channel: str, messages: list[bytes], pipeline: int = 1000) -> float:
-    """PUBLISH every message as fast as Redis accepts them, on one raw connection;
-    returns the seconds it took until Redis had answered them all."""
+def pack_publishes(channel: str, messages: list[bytes]) -> list[bytes]:
+    """The PUBLISH commands, packed ahead: the publisher's preparation is not timed."""
+    pack: Any = hiredis.pack_command  # its stub types the argument as a 1-tuple
+    return [pack(("PUBLISH", channel, m)) for m in messages]
+
+
+def blast_publish(
+    port: int, packed: list[bytes], pipeline: int = 1000, started: list[float] | None = None
+) -> float:
+    """Send pre-packed PUBLISHes as fast as Redis accepts them, on one raw connection;
+    returns the seconds until Redis had answered them all.  ``started`` receives the
+    perf_counter() of the first byte sent."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    pack: Any = hiredis.pack_command  # its stub types the argument as a 1-tuple
-    packed = [pack(("PUBLISH", channel, m)) for m in messages]
     done = threading.Event()
     total = len(packed)
 
@@ -146,12 +153,14 @@ def blast_publish(port: int, channel: str, messages: list[bytes], pipeline: int 
         done.set()
 
     thread = threading.Thread(target=drain, daemon=True)
-    started = time.perf_counter()
     thread.start()
+    begin = time.perf_counter()
+    if started is not None:
+        started.append(begin)
     for i in range(0, total, pipeline):
         sock.sendall(b"".join(packed[i : i + pipeline]))
     done.wait(300)
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - begin
     sock.close()
     return elapsed
 

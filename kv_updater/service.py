@@ -249,6 +249,10 @@ class KVUpdater:
                         in_flight = None
                 # Commit in the background: the next batch is parsed meanwhile.
                 in_flight = asyncio.create_task(self._commit(accepted, rejected))
+                # Let it send its request now: take() returns without yielding when
+                # messages are in hand, so otherwise the commit would only go out
+                # after the next batch is parsed, and Redis would idle meanwhile.
+                await asyncio.sleep(0)
         finally:
             if in_flight is not None:
                 await in_flight
