@@ -159,7 +159,7 @@ class UpdaterSettings(RedisLayoutSettings):
     metrics_host: str = Field("0.0.0.0", description="address the metrics port binds")  # noqa: S104
     dead_letter: str = Field("", description="stream keeping rejected messages ('' = off)")
     dead_letter_maxlen: int = Field(10_000, ge=1, description="approximate cap of that stream")
-    batch_max: int = Field(5_000, ge=1, le=100_000, description="messages per atomic commit")
+    batch_max: int = Field(10_000, ge=1, le=100_000, description="messages per atomic commit")
 
     model_config = SettingsConfigDict(populate_by_name=True)
 
