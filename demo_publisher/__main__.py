@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from demo_publisher.publisher import Publisher
 from demo_publisher.settings import PublisherSettings
+from kv_updater.eventloop import new_event_loop
 from kv_updater.logs import setup_logging
 from kv_updater.settings import load_or_exit
 
@@ -18,15 +19,6 @@ DESCRIPTION = (
     "Publish realistic demo updates (weather, air quality, moon phase, sensors) on the "
     "update channel at a chosen rate."
 )
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed: cheaper wake-ups at high rates."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 async def _serve(publisher: Publisher) -> None:

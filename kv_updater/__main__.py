@@ -8,20 +8,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kv_updater.eventloop import new_event_loop
 from kv_updater.logs import setup_logging
 from kv_updater.service import KVUpdater
 from kv_updater.settings import EXIT_BAD_SETTING, SettingsError, UpdaterSettings, load_or_exit
 
 PROG = "kv-updater"
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed: the updater's hot loop is I/O callbacks and small tasks."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 async def _serve(updater: KVUpdater) -> None:
