@@ -7,51 +7,41 @@
 -- ARGV[1] = stored channel
 -- ARGV[2+4(i-1)..] = type, instant key, stored value, type as JSON (4 per message)
 --
--- Returns one integer per message: its new seq when written, 0 when it was an
--- identical replay (no-op), -1 when stale (the key holds a later instant).
+-- Each type appears at most once per call: commit.py sends only the winner of
+-- each key in its batch.  Returns one integer per message: its new seq when
+-- written, 0 when it was an identical replay (no-op), -1 when stale (the key
+-- holds a later instant).
 --
 -- Instant keys are digit strings that sort like the instants they encode
 -- (kv_updater/instant.py), so Lua's string comparison is an exact instant
--- comparison.  Data, instants and index are written once per distinct key
--- (the last commit of a key in the batch wins); every commit is still numbered
--- and published on its own, in order, after the writes.
+-- comparison.  Data, instants and index are written with one command each, then
+-- every commit is published, in order, after the writes.
 local channel = ARGV[1]
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-local instant_of, value_of, seq_of, slot_of = {}, {}, {}, {}
-local order, notes, result = {}, {}, {}
+local mset, hset, zadd, notes, result = {}, {}, {}, {}, {}
 
 for i = 1, #KEYS - 3 do
   local a = 2 + (i - 1) * 4
   local typ, instant, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local old = instant_of[typ]
-  if old == nil then
-    old = redis.call('HGET', KEYS[3], typ)
-    if old then instant_of[typ] = old end
-  end
-  local status
+  local key = KEYS[3 + i]
+  local old = redis.call('HGET', KEYS[3], typ)
+  -- pcall: a key planted with another Redis type must not abort the batch
   if old and instant < old then
-    status = -1
-  elseif old == instant then
-    local current = value_of[typ]
-    if current == nil then
-      -- pcall: a key planted with another Redis type must not abort the batch
-      current = redis.pcall('GET', KEYS[3 + i])
-      value_of[typ] = current
-    end
-    if current == value then status = 0 end
-  end
-  if status == nil then
+    result[i] = -1
+  elseif old == instant and redis.pcall('GET', key) == value then
+    result[i] = 0
+  else
     seq = seq + 1
-    status = seq
-    if seq_of[typ] == nil then
-      order[#order + 1] = typ
-      slot_of[typ] = 3 + i
-    end
-    seq_of[typ], instant_of[typ], value_of[typ] = seq, instant, value
+    result[i] = seq
+    mset[#mset + 1] = key
+    mset[#mset + 1] = value
+    hset[#hset + 1] = typ
+    hset[#hset + 1] = instant
+    zadd[#zadd + 1] = seq
+    zadd[#zadd + 1] = typ
     notes[#notes + 1] = '{"type":' .. ARGV[a + 3] .. ',' .. string.sub(value, 2, -2)
       .. ',"seq":' .. seq .. '}'
   end
-  result[i] = status
 end
 
 -- unpack() is bounded by Lua's C stack: send long argument lists in chunks.
@@ -68,15 +58,6 @@ local function call_chunked(cmd, key, args)
 end
 
 if #notes > 0 then
-  local mset, hset, zadd = {}, {}, {}
-  for _, typ in ipairs(order) do
-    mset[#mset + 1] = KEYS[slot_of[typ]]
-    mset[#mset + 1] = value_of[typ]
-    hset[#hset + 1] = typ
-    hset[#hset + 1] = instant_of[typ]
-    zadd[#zadd + 1] = seq_of[typ]
-    zadd[#zadd + 1] = typ
-  end
   call_chunked('MSET', nil, mset)
   call_chunked('HSET', KEYS[3], hset)
   call_chunked('ZADD', KEYS[2], zadd)

@@ -77,7 +77,6 @@ class Committer:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.source_channel = source_channel
         self._sha: str | None = None
-        self._last_args: list[str | bytes] = []
 
     async def load_script(self) -> None:
         self._sha = str(await self.client.script_load(COMMIT_LUA))
@@ -96,44 +95,46 @@ class Committer:
                         raise item
             return BatchOutcome([])
         winners = _winners(batch)
-        results = await self._run(batch, winners, dead)
+        commit, data_keys, written = self._commit_command(batch, winners)
+        reads: list[Sequence[str | bytes]] = []
+        if self.validate:
+            reads = [("MGET", *data_keys), ("ZMSCORE", self.layout.index, *winners)]
+        results = await self._pipeline([commit, *self._dead_letter_commands(dead), *reads])
         if isinstance(results[0], NoScriptError):
             # Redis lost its script cache (SCRIPT FLUSH, failover): load and redo the
             # commit; the dead letters of the first attempt were already written.
+            # The SHA is the script's, so the same command goes again.
             await self.load_script()
-            results = await self._run(batch, winners, [])
+            results = await self._pipeline([commit, *reads])
         for item in results:
             if isinstance(item, Exception):
                 raise item
         statuses = _statuses(batch, winners, results[0])
-        written = self._last_args[3::4]  # per winner: type, instant, stored, type_json
         return self._outcome(
             batch, winners, statuses, written, results[-2:] if self.validate else None
         )
 
-    async def _run(
-        self, batch: list[Accepted], winners: dict[str, int], dead: list[tuple[Rejected, bytes]]
-    ) -> list[Any]:
+    def _commit_command(
+        self, batch: list[Accepted], winners: dict[str, int]
+    ) -> tuple[tuple[str | bytes, ...], list[str], list[bytes]]:
+        """The EVALSHA of the winners, their data keys, and the stored value of each.
+
+        The read-back compares against those values instead of encoding them again.
+        """
         layout = self.layout
-        keys: list[str] = [layout.seq, layout.index, layout.instants]
-        args: list[str | bytes] = [self.stored_channel]
         data_key = layout.data_key
+        data_keys: list[str] = []
+        args: list[str | bytes] = [self.stored_channel]
+        written: list[bytes] = []
         for position in winners.values():
             msg = batch[position]
-            keys.append(data_key(msg.type))
-            args += (msg.type, msg.instant, msg.stored, msg.type_json)
-        # The EVALSHA's arguments hold each winner's stored value: the read-back
-        # compares against those instead of encoding the values again.
+            stored = msg.stored
+            written.append(stored)
+            data_keys.append(data_key(msg.type))
+            args += (msg.type, msg.instant, stored, msg.type_json)
         assert self._sha is not None
-        self._last_args = args
-        commands: list[Sequence[str | bytes]] = [
-            ("EVALSHA", self._sha, str(len(keys)), *keys, *args)
-        ]
-        commands += self._dead_letter_commands(dead)
-        if self.validate:
-            commands.append(("MGET", *keys[3:]))
-            commands.append(("ZMSCORE", layout.index, *winners))
-        return await self._pipeline(commands)
+        keys = (layout.seq, layout.index, layout.instants, *data_keys)
+        return ("EVALSHA", self._sha, str(len(keys)), *keys, *args), data_keys, written
 
     async def _pipeline(self, commands: list[Sequence[str | bytes]]) -> list[Any]:
         """Send ``commands`` in one write, return their replies (errors as exceptions)."""
@@ -190,7 +191,7 @@ class Committer:
         batch: list[Accepted],
         winners: dict[str, int],
         statuses: list[int],
-        written: list[str | bytes],
+        written: list[bytes],
         readback: list[Any] | None,
     ) -> BatchOutcome:
         outcome = BatchOutcome(statuses)
@@ -256,7 +257,3 @@ def _statuses(batch: list[Accepted], winners: dict[str, int], committed: list[in
         if position > winner:
             statuses[position] = STALE if msg.instant < batch[winner].instant else UNCHANGED
     return statuses
-
-
-def is_script_error(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and not isinstance(exc, NoScriptError)
