@@ -120,13 +120,7 @@ class KVUpdater:
         self._stopping = True
         log.info("kv-updater: stopping: committing what is in hand")
         if self._subscription is not None:
-            self._subscription.unsubscribe()
-            # Redis may never confirm (a silent network): a take() already waiting
-            # would wait for ever, so give up on the confirmation after the grace.
-            with contextlib.suppress(RuntimeError):  # no running loop: run() is not running
-                asyncio.get_running_loop().call_later(
-                    SHUTDOWN_GRACE, self._subscription.abandon
-                )
+            _unsubscribe(self._subscription)
         if self._stop_event is not None:
             self._stop_event.set()
 
@@ -199,7 +193,7 @@ class KVUpdater:
         sub = await Subscription.open(self.settings.redis_url, self.channel)
         self._subscription = sub
         if self._stopping:
-            sub.unsubscribe()
+            _unsubscribe(sub)
         await self.committer.load_script()
         self._run_id = await self._server_run_id()
 
@@ -233,7 +227,7 @@ class KVUpdater:
         in_flight: asyncio.Task[BatchOutcome] | None = None
         try:
             while not sub.unsubscribed:
-                payloads = await self._take(sub, batch_max)
+                payloads = await sub.take(batch_max)
                 self.metrics.backlog_bytes.set(sub.backlog_bytes)
                 if not payloads:
                     continue
@@ -265,16 +259,6 @@ class KVUpdater:
         else:
             self._carry[0].extend(accepted)
             self._carry[1].extend(rejected)
-
-    async def _take(self, sub: Subscription, limit: int) -> list[bytes]:
-        if not self._stopping:
-            return await sub.take(limit)
-        # Stopping: wait for the unsubscribe confirmation, but not forever.
-        try:
-            return await asyncio.wait_for(sub.take(limit), SHUTDOWN_GRACE)
-        except TimeoutError:
-            sub.unsubscribed = True
-            return []
 
     def _parse(self, payloads: list[bytes]) -> tuple[list[Accepted], list[tuple[Rejected, bytes]]]:
         parse = self.rules.parse
@@ -383,3 +367,14 @@ class KVUpdater:
         assert self._stop_event is not None
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+
+def _unsubscribe(sub: Subscription) -> None:
+    """Ask Redis to stop sending; everything before its confirmation is committed.
+
+    Redis may never confirm (a hung server, a silent network), so a waiting take()
+    gives up on the confirmation after the shutdown grace.
+    """
+    sub.unsubscribe()
+    with contextlib.suppress(RuntimeError):  # no running loop: run() is not running
+        asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, sub.abandon)

@@ -100,7 +100,7 @@ class CommonSettings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective settings for the start-up log line, secrets masked."""
         shown: dict[str, Any] = {}
-        for name in type(self).model_fields:
+        for name, info in type(self).model_fields.items():
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 value = "***" if value.get_secret_value() else ""
@@ -108,7 +108,7 @@ class CommonSettings(BaseSettings):
                 value = "***"
             elif name == "redis_url":
                 value = mask_url(value)
-            shown[name] = value
+            shown[info.alias or name] = value  # the names users set: "validate"
         return shown
 
 

@@ -163,7 +163,7 @@ def test_log_levels_are_the_seeds(redis_url: str, r: redis.Redis) -> None:
     assert level_of(start) == "INFO"
     assert "'redis_url': 'redis://tester:***@" in start
     assert "'channel': 'update'" in start
-    assert "'validate_writes': True" in start
+    assert "'validate': True" in start
     persisted = log_lines(log, "persisted ")
     assert [level_of(line) for line in persisted] == ["DEBUG", "DEBUG"]
     assert "persisted good (seq 1)" in persisted[0]
