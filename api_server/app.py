@@ -30,12 +30,13 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from api_server.auth import TokenGuard, token_from
 from api_server.hub import Hub
 from api_server.metrics import Metrics, RequestMetrics
 from api_server.settings import ApiSettings
-from api_server.sse import FastPaths, HubEventSource
+from api_server.sse import SERVER_SEND, FastPaths, HubEventSource
 from api_server.store import Store
 from api_server.stream import Client
 
@@ -115,6 +116,16 @@ def make_redis(settings: ApiSettings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+class ApiApp(FastAPI):
+    """FastAPI, keeping the server's own ``send`` in the scope of /events for the
+    hub's direct writes (see api_server.sse)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/events":
+            scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
     client = make_redis(settings)
     probe = aioredis.Redis.from_url(
@@ -147,7 +158,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
             await client.aclose()
             await probe.aclose()
 
-    app = FastAPI(
+    app = ApiApp(
         title="api_server",
         summary="REST reads of the Redis KV and an SSE stream of its commits",
         version="0.1.0",
@@ -298,6 +309,8 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
             "rss_bytes": _rss_bytes(),
             "allocated_blocks": sys.getallocatedblocks(),
             "events_sent": hub.events_sent,
+            "events_pushed": hub.events_pushed,
+            "snapshot_events": hub.snapshot_events,
             "values_conflated": hub.conflated,
             "commits_received": hub.messages,
             "subscribed": hub.subscribed,

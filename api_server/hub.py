@@ -73,6 +73,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         # Counters read at scrape time (plain ints: they are bumped per client per event).
         self.events_sent = 0
+        self.events_pushed = 0
+        """Of those, written by the hub straight to the socket (Client.push)."""
         self.snapshot_events = 0
         self.conflated = 0
         self.messages = 0
@@ -304,16 +306,24 @@ class Hub:
                 self._flush_handle = loop.call_later(delay, self._flush)
 
     def _flush(self) -> None:
-        """Wake the clients that got commits.  At most one flush per
-        ``flush_interval``: under load each wake then writes several commits in one
-        system call - the per-write cost, not Python, bounds the fan-out - while a
-        quiet stream is still woken at once."""
+        """Send the clients their new commits: written here straight to the socket
+        of each live client (``Client.push``), or by the client's own task when it
+        is busy (a snapshot read, a paused transport).  At most one flush per
+        ``flush_interval``: under load each client then gets several commits in one
+        system call - the per-write cost bounds the fan-out - while a quiet stream
+        is still written at once."""
         self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
         dirty, self._dirty = self._dirty, []
+        pushed = 0
         for client in dirty:
             client.dirty = False
-            client.wake()
+            if client.can_push():
+                pushed += client.push()
+            else:
+                client.wake()
+        self.events_sent += pushed
+        self.events_pushed += pushed
 
     def _resync_all(self) -> None:
         for client in self._clients():
@@ -325,5 +335,9 @@ class Hub:
         while True:
             await asyncio.sleep(self.keepalive)
             for client in self._clients():
-                client.ping_due = True
-                client.wake()
+                if client.can_push():
+                    assert client.writer is not None
+                    client.writer.write(KEEPALIVE)
+                else:
+                    client.ping_due = True
+                    client.wake()

@@ -46,6 +46,9 @@ class HubCollector(Collector):
         counters = (
             ("api_sse_events_sent", "Update events written to SSE clients", hub.events_sent),
             ("api_sse_snapshot_events", "Of those, sent from snapshot reads", hub.snapshot_events),
+            ("api_sse_events_pushed",
+             "Of those, written by the hub straight to the socket (no task wake-up)",
+             hub.events_pushed),
             ("api_sse_values_conflated",
              "Pending values replaced by a newer commit of the same key (slow clients)",
              hub.conflated),

@@ -34,8 +34,9 @@ class ApiSettings(RedisLayoutSettings):
         15.0, gt=0, le=3600, description="interval of SSE keep-alive comments"
     )
     sse_flush_ms: float = Field(
-        2.0, ge=0, le=1000,
-        description="wake SSE clients at most once per this many ms (0 = at every commit)",
+        0.0, ge=0, le=1000,
+        description="write to SSE clients at most once per this many ms (0 = as commits "
+        "arrive; commits that arrive together still go out in one write)",
     )
     redis_max_connections: int = Field(
         64, ge=1, le=10_000, description="Redis connections for reads (requests queue beyond)"

@@ -13,6 +13,7 @@ from queue import Empty, Queue
 import httpx
 import pytest
 import redis
+import uvicorn
 from api_fixtures import (
     Api,
     CommitLog,
@@ -26,7 +27,11 @@ from api_fixtures import (
     running_api,
     until,
 )
-from harness import wait_until
+from harness import free_port, wait_until
+
+from api_server.app import create_app
+from api_server.settings import ApiSettings
+from kv_updater.settings import load_settings
 
 
 def _events_path(keys: str | None = None, last: int | None = None) -> str:
@@ -307,3 +312,86 @@ def test_keepalive_comments_and_head_requests(redis_url: str) -> None:
         head = httpx.head(f"{api.base}/events", timeout=5)
         assert head.status_code in (200, 405)  # either way no stream may be left behind
         wait_until(lambda: api.stats()["clients"] == 0, 10, message="no client left")
+
+
+def test_live_commits_are_written_by_the_hub_without_waking_each_client(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Guards the fan-out's hot path (api_server.sse): under ``python -m api_server``
+    live commits go straight from the hub to each socket.  An uvicorn upgrade that
+    changes what the direct writer relies on would silently fall back to one task
+    wake-up per client per flush (half the fan-out); this fails instead."""
+    types = ["p0", "p1", "p2"]
+    log = commit_sync(redis_url, types)
+
+    async def scenario(api: Api) -> None:
+        followers = [Follower(await SseStream.open(api.port)) for _ in range(5)]
+        for follower in followers:
+            await follower.read_until(lambda f: len(f.state) == 3)
+        writer = Writer(redis_url, log)
+        for i in range(30):
+            await writer.put(types[i % 3])
+        expected = kv_state(r)
+        for follower in followers:
+            await follower.read_until(lambda f, e=expected: f.state == e)
+            check_against_log(follower, log)
+        stats = api.stats()
+        live = stats["events_sent"] - stats["snapshot_events"]
+        assert live > 0, stats  # fewer than 5 x 30 when commits came together (conflation)
+        assert stats["events_pushed"] == live, stats
+        for follower in followers:
+            await follower.stream.aclose()
+        await writer.close()
+
+    with running_api(redis_url) as api:
+        asyncio.run(scenario(api))
+
+
+def test_streams_work_through_plain_asgi_send_where_there_is_no_direct_path(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """The app under another HTTP implementation (uvicorn's h11 protocol, in a thread
+    of this process): no direct writer, every byte through ASGI ``send`` - snapshot,
+    live commits and keep-alives all still arrive."""
+    types = ["h0", "h1"]
+    log = commit_sync(redis_url, types)
+    settings = load_settings(
+        ApiSettings, ["--redis-url", redis_url, "--keepalive-seconds", "0.2"], "api-server"
+    )
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, http="h11", ws="none", lifespan="on",
+        log_config=None, timeout_graceful_shutdown=2,
+    ))
+    thread = threading.Thread(target=server.run, name="uvicorn-h11", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 20, message="uvicorn (h11) to start")
+
+        async def scenario() -> None:
+            stream = await SseStream.open(port)
+            assert stream.status == 200
+            follower = Follower(stream)
+            await follower.read_until(lambda f: len(f.state) == 2)
+            writer = Writer(redis_url, log)
+            for i in range(20):
+                await writer.put(types[i % 2])
+            expected = kv_state(r)
+            await follower.read_until(lambda f: f.state == expected)
+            check_against_log(follower, log)
+            comments = stream.comments
+            reading = asyncio.create_task(follower.read_until(lambda f: False, within=60))
+            await until(lambda: stream.comments > comments, 10, "a keep-alive comment")
+            reading.cancel()
+            await stream.aclose()
+            await writer.close()
+
+        asyncio.run(scenario())
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
+        assert stats["events_pushed"] == 0, stats
+        assert stats["events_sent"] >= 22, stats
+    finally:
+        server.should_exit = True
+        thread.join(15)
+    assert not thread.is_alive()
