@@ -74,6 +74,7 @@ class Writer:
         return (await self.committer.commit(batch)).statuses
 
     async def close(self) -> None:
+        self.committer.close()
         await self.client.aclose()
 
 

@@ -162,6 +162,7 @@ def commit_directly(url: str, rate: float, seconds: float, keys: int,
                 sent += 1
             await asyncio.sleep(0.0005)
         stop_at.append(time.perf_counter())
+        committer.close()
         await client.aclose()
         return sent
 

@@ -1,9 +1,10 @@
 """The atomic batch commit and its read-back validation.
 
-Commands go out as one packed write on a pooled redis-py connection and their
-replies are read in order: a pipeline, built with hiredis's C ``pack_command``.
-redis-py's asyncio pipeline packs arguments in Python, which for an EVALSHA of
-thousands of arguments costs more than the commit itself.
+Commands go out as one packed write on a connection of the committer's own (a
+``RespLink``, kv_updater.resp) and their replies come back in order: a pipeline,
+built with hiredis's C ``pack_command``.  redis-py's asyncio pipeline packs
+arguments in Python, which for an EVALSHA of thousands of arguments costs more
+than the commit itself; its connections cost more than the commit at low rates.
 
 A batch is everything the subscriber had in hand; it is committed as one atomic
 step.  Inside that step, only the winning update of each key - the latest
@@ -30,10 +31,11 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from kv_updater.keys import KeyLayout
 from kv_updater.message import Accepted, Rejected
+from kv_updater.resp import RespLink
 
 COMMIT_LUA = files("kv_updater").joinpath("commit.lua").read_text()
 STALE = -1
@@ -77,6 +79,7 @@ class Committer:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.source_channel = source_channel
         self._sha: str | None = None
+        self._link = RespLink.for_client(client, "kv-updater")
 
     async def load_script(self) -> None:
         self._sha = str(await self.client.script_load(COMMIT_LUA))
@@ -138,25 +141,18 @@ class Committer:
 
     async def _pipeline(self, commands: list[Sequence[str | bytes]]) -> list[Any]:
         """Send ``commands`` in one write, return their replies (errors as exceptions)."""
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(
-                b"".join(_pack(tuple(c)) for c in commands), check_health=False
-            )
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            # Replies left unread would be taken for the next command's: drop the connection.
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-        return replies
+        return await self._link.request(
+            b"".join(_pack(tuple(c)) for c in commands), len(commands)
+        )
+
+    @property
+    def connected(self) -> bool:
+        """True while the commit connection is open; it opens at the first commit."""
+        return self._link.connected
+
+    def close(self) -> None:
+        """Close the commit connection (a later commit would open a new one)."""
+        self._link.close()
 
     def _dead_letter_commands(
         self, dead: list[tuple[Rejected, bytes]]

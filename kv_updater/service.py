@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import SSLConnection
 from redis.exceptions import RedisError
 
 from kv_updater.backoff import Backoff, Outage
@@ -25,6 +22,7 @@ from kv_updater.commit import SUPERSEDED, UNCHANGED, BatchOutcome, Committer
 from kv_updater.logs import RateLimitedLog
 from kv_updater.message import Accepted, MessageRules, Rejected, Severity
 from kv_updater.metrics import HealthServer, UpdaterMetrics
+from kv_updater.resp import url_of
 from kv_updater.settings import SettingsError, UpdaterSettings
 from kv_updater.subscriber import Subscription, SubscriptionLost
 
@@ -33,27 +31,6 @@ log = logging.getLogger("kv_updater")
 SUMMARY_INTERVAL = 5.0
 SHUTDOWN_GRACE = 5.0
 _CONNECTION_ERRORS = (OSError, RedisError, SubscriptionLost, asyncio.TimeoutError)
-
-
-def _url_of(client: aioredis.Redis) -> str:
-    """A redis URL for the subscription's own connection, from a client's settings."""
-    kw = client.connection_pool.connection_kwargs
-    auth = ""
-    if kw.get("password"):
-        user = quote(str(kw.get("username") or ""), safe="")
-        auth = f"{user}:{quote(str(kw['password']), safe='')}@"
-    if kw.get("path"):
-        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
-    where = f"{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-    if not issubclass(client.connection_pool.connection_class, SSLConnection):
-        return f"redis://{where}"
-    # A TLS client: the subscription needs TLS too, with the same certificate settings.
-    tls = {}
-    for name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-        value = kw.get(name)
-        if value is not None:
-            tls[name] = value.name if isinstance(value, ssl.VerifyMode) else str(value)
-    return f"rediss://{where}" + (f"?{urlencode(tls)}" if tls else "")
 
 
 class KVUpdater:
@@ -73,7 +50,7 @@ class KVUpdater:
         if validate is not None:
             overrides["validate"] = validate
         if client is not None and settings is None:
-            overrides["redis_url"] = _url_of(client)
+            overrides["redis_url"] = url_of(client)
         base = settings or UpdaterSettings()
         self.settings = base.model_validate({**base.model_dump(by_alias=True), **overrides})
         s = self.settings
@@ -184,6 +161,7 @@ class KVUpdater:
             self._close_subscription()
             if health is not None:
                 health.stop()
+            self.committer.close()
             with contextlib.suppress(Exception):
                 await self.client.aclose()
             log.info("kv-updater: stopped")

@@ -8,7 +8,7 @@ to a queue of chunks the moment it arrives - so Redis's output buffer for us is
 drained even while a commit is in flight and the subscriber is never dropped for
 an output-buffer overrun - and ``take()`` parses many messages per call with
 hiredis.  Connection details (URL forms, ACL user and password, TLS) come from
-redis-py's own ``parse_url``.
+redis-py's own ``parse_url`` (kv_updater.resp).
 
 hiredis compacts its buffer on every reply once 1 KiB is consumed (a memmove of
 what is left), so feeding it a large backlog at once is quadratic; chunks are fed
@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import ssl
 from collections import deque
 from typing import Any, cast
 
 import hiredis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+from kv_updater.resp import auth_command, connect
 
 FEED_PIECE = 16_384
 IDLE_PING = 10.0
@@ -60,33 +59,6 @@ class _Protocol(asyncio.Protocol):
         self.wakeup.set()
 
 
-def _keepalive(sock: Any) -> None:
-    """TCP keepalive: a subscriber only reads, so a peer that vanished without a FIN
-    (a dead node, a dropped NAT entry) would otherwise never be noticed.  About
-    30 s idle + 3 probes 10 s apart."""
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-            if hasattr(socket, name):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
-def _ssl_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
-    reqs = str(kwargs.get("ssl_cert_reqs", "required")).lower()
-    if reqs in ("none", "cert_none"):
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    elif reqs in ("optional", "cert_optional"):
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    if kwargs.get("ssl_certfile"):
-        ctx.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
-    return ctx
-
-
 class Subscription:
     """One channel subscription on a connection of its own."""
 
@@ -107,24 +79,11 @@ class Subscription:
         client_name: str = "kv-updater",
         connect_timeout: float = 5.0,
     ) -> Subscription:
-        kwargs: dict[str, Any] = dict(parse_url(url))
-        loop = asyncio.get_running_loop()
-        connection_class = kwargs.get("connection_class")
-        if connection_class is UnixDomainSocketConnection:
-            connect = loop.create_unix_connection(_Protocol, kwargs["path"])
-        else:
-            ssl_ctx = _ssl_context(kwargs) if connection_class is SSLConnection else None
-            connect = loop.create_connection(
-                _Protocol, kwargs.get("host", "localhost"), kwargs.get("port", 6379), ssl=ssl_ctx
-            )
-        transport, proto = await asyncio.wait_for(connect, connect_timeout)
-        _keepalive(transport.get_extra_info("socket"))
+        _, proto, kwargs = await connect(url, _Protocol, connect_timeout)
         sub = cls(proto, hiredis.Reader(), channel)
         try:
-            password = kwargs.get("password")
-            if password is not None:
-                username = kwargs.get("username")
-                auth = ("AUTH", username, password) if username else ("AUTH", password)
+            auth = auth_command(kwargs)
+            if auth is not None:
                 await asyncio.wait_for(sub._call(*auth), connect_timeout)
             await asyncio.wait_for(sub._call("CLIENT", "SETNAME", client_name), connect_timeout)
             reply = await asyncio.wait_for(sub._call("SUBSCRIBE", channel), connect_timeout)

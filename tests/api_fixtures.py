@@ -131,6 +131,7 @@ class Writer:
         return statuses[0]
 
     async def close(self) -> None:
+        self.committer.close()
         await self.client.aclose()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -74,6 +75,45 @@ def test_the_seeds_constructor_takes_a_client_a_channel_and_the_validation_flag(
             users = {(c["name"], c["user"]) for c in r.client_list()}
             assert ("kv-updater", "seed-user") in users  # the subscription logged in as the user
         assert "p%40ss" not in str(updater.settings.redacted())
+
+
+def test_commits_go_to_the_database_of_the_url(redis_url: str, r: redis.Redis) -> None:
+    """The commit connection (kv_updater.resp.RespLink) selects the URL's database,
+    as redis-py's connections did before it."""
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    db3 = redis.Redis.from_url(url)
+    db3.flushdb()
+    with Persister(settings_for(url)) as p:
+        assert p.ok(message("in-db-3")) == 1
+    assert db3.get("in-db-3") == stored_of("2023-10-01T12:00:00Z", {"v": 1})
+    assert db3.get("kvupdater:seq") == b"1"
+    assert not r.exists("in-db-3", "kvupdater:seq")
+    db3.flushdb()
+    db3.close()
+
+
+def test_a_commit_connection_closed_while_idle_is_reopened_without_failing_a_commit(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Redis closed the idle commit connection (a restart, CLIENT KILL, a proxy's idle
+    timeout): the next commit opens a new one instead of failing - nothing had been
+    sent on the old one, so nothing can be applied twice."""
+    with Persister(settings_for(redis_url)) as p:
+        assert p.ok(message("first", "2023-10-01T12:00:00Z")) == 1
+        committer = p.updater.committer
+        assert committer.connected
+        assert r.client_kill_filter(_type="normal", skipme=True) >= 1
+
+        async def noticed() -> None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while committer.connected:
+                assert asyncio.get_running_loop().time() < deadline, "EOF not seen"
+                await asyncio.sleep(0.01)
+
+        p.runner.run(noticed())
+        assert p.ok(message("second", "2023-10-01T12:00:01Z")) == 2
+        assert committer.connected
+    assert r.exists("first", "second") == 2
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")

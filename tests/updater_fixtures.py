@@ -147,6 +147,7 @@ class Persister:
         return 0.0 if value is None else value
 
     def close(self) -> None:
+        self.updater.committer.close()
         self.runner.run(self.updater.client.aclose())
         self.runner.close()
 
