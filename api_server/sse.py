@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 from sse_starlette import EventSourceResponse
@@ -88,6 +88,8 @@ class _UvicornBody:
     transport, as ``RequestResponseCycle.send`` would write it."""
 
     __slots__ = ("_cycle", "_flow", "_write")
+    last: ClassVar[tuple[bytes | None, bytes]] = (None, b"")
+    """The last body piece written and its chunk framing."""
 
     def __init__(self, cycle: Any) -> None:
         self._cycle = cycle
@@ -98,7 +100,16 @@ class _UvicornBody:
         return not (self._flow.write_paused or self._cycle.disconnected)
 
     def write(self, data: bytes) -> None:
-        self._write(b"%x\r\n%b\r\n" % (len(data), data))
+        # A commit's frame is one shared object that a flush writes to every client
+        # in turn: frame it as an HTTP chunk once, not once per client.  (One
+        # tuple, read and replaced whole: safe even with servers in several threads.)
+        last = _UvicornBody.last
+        if last[0] is data:
+            chunk = last[1]
+        else:
+            chunk = b"%x\r\n%b\r\n" % (len(data), data)
+            _UvicornBody.last = (data, chunk)
+        self._write(chunk)
 
 
 def uvicorn_body_writer(send: Any) -> Writer | None:

@@ -145,14 +145,16 @@ class Client:
     def take(self) -> tuple[bytes, int]:
         """Pending events as one write (oldest first) and how many it holds."""
         pending = self.pending
+        if len(pending) == 1:  # the usual case when keeping up: no list, no join
+            event = pending.popitem()[1]
+            self.last_id = event.seq
+            return event.frame, 1
         if len(pending) <= CHUNK_EVENTS:
             events = list(pending.values())
             pending.clear()
         else:
             events = [pending.pop(name) for name in list(islice(pending, CHUNK_EVENTS))]
         self.last_id = events[-1].seq
-        if len(events) == 1:
-            return events[0].frame, 1
         return b"".join([e.frame for e in events]), len(events)
 
     def drop_covered(self, seq: int) -> None:

@@ -176,3 +176,15 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to others (``steal`` in /proc/stat), all cores.
+
+    On a VM this is what makes two runs of the same benchmark differ: a run
+    whose latency jumps while its processes were *less* busy was waiting for
+    cores it did not get."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
