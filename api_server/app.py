@@ -310,6 +310,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
             "allocated_blocks": sys.getallocatedblocks(),
             "events_sent": hub.events_sent,
             "events_pushed": hub.events_pushed,
+            "flushes": hub.flushes,
             "snapshot_events": hub.snapshot_events,
             "values_conflated": hub.conflated,
             "commits_received": hub.messages,

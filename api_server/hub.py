@@ -58,6 +58,10 @@ class Hub:
         self.keepalive = keepalive
         self.flush_interval = flush_interval
         self._dirty: list[Client] = []
+        self._shared: dict[str, Event] = {}
+        """Commits since the last flush for the unfiltered clients: newest per key,
+        in seq order (a newer commit of a key replaces it and moves to the end)."""
+        self._shared_replaced = 0
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self.type_json = TypeJson()
@@ -74,6 +78,7 @@ class Hub:
         # Counters read at scrape time (plain ints: they are bumped per client per event).
         self.events_sent = 0
         self.events_pushed = 0
+        self.flushes = 0
         """Of those, written by the hub straight to the socket (Client.push)."""
         self.snapshot_events = 0
         self.conflated = 0
@@ -275,6 +280,7 @@ class Hub:
         unfiltered = self.unfiltered
         by_type = self.by_type
         dirty = self._dirty
+        shared = self._shared
         for payload in batch:
             parsed = parse_notification(payload)
             if parsed is None:
@@ -289,15 +295,18 @@ class Hub:
                 self._resync_all()
             self.last_seq = seq
             event = Event(type_, seq, frame(seq, payload))
-            for client in unfiltered:
-                conflated += client.offer(event, dirty)
+            if unfiltered:
+                # Offered to the unfiltered clients at the flush (see _flush).
+                if shared.pop(type_, None) is not None:
+                    self._shared_replaced += 1
+                shared[type_] = event
             group = by_type.get(type_)
             if group:
                 for client in group:
                     conflated += client.offer(event, dirty)
         self.messages += len(batch)
         self.conflated += conflated
-        if dirty and self._flush_handle is None:
+        if (dirty or shared) and self._flush_handle is None:
             loop = asyncio.get_running_loop()
             delay = self._last_flush + self.flush_interval - loop.time()
             if delay <= 0:
@@ -314,8 +323,9 @@ class Hub:
         is still written at once."""
         self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
+        self.flushes += 1
+        pushed = self._flush_shared() if self._shared else 0
         dirty, self._dirty = self._dirty, []
-        pushed = 0
         for client in dirty:
             client.dirty = False
             if client.can_push():
@@ -324,6 +334,42 @@ class Hub:
                 client.wake()
         self.events_sent += pushed
         self.events_pushed += pushed
+
+    def _flush_shared(self) -> int:
+        """The commits since the last flush, to every unfiltered client.
+
+        They all want the same commits, so a client that is keeping up - nothing
+        pending, parked, past its snapshot - gets one shared, already joined and
+        framed chunk: per client a check and a ``write``, no per-event dict work.
+        Any other client is offered the commits one by one (``Client.offer``: its
+        pending dict, conflation, the snapshot floor) and goes through the dirty
+        list like a filtered one.  Offering at the flush instead of at arrival is
+        the same thing when ``sse_flush_ms`` is 0 (the flush runs right after the
+        dispatch); with a longer interval a client whose snapshot completed in
+        between drops the commits its snapshot holds by its floor, as always."""
+        shared, self._shared = self._shared, {}
+        replaced, self._shared_replaced = self._shared_replaced, 0
+        events = list(shared.values())
+        first = events[0].seq
+        chunk = events[0].frame if len(events) == 1 else b"".join([e.frame for e in events])
+        last = events[-1].seq
+        count = len(events)
+        dirty = self._dirty
+        pushed = conflated = 0
+        for client in self.unfiltered:
+            if not client.pending and client.floor < first and client.can_push():
+                writer = client.writer
+                assert writer is not None
+                writer.write(chunk)
+                client.last_id = last
+                pushed += count
+                conflated += replaced
+            else:
+                for event in events:
+                    conflated += client.offer(event, dirty)
+                conflated += replaced
+        self.conflated += conflated
+        return pushed
 
     def _resync_all(self) -> None:
         for client in self._clients():
