@@ -174,10 +174,15 @@ def test_a_slow_reader_gets_conflated_values_and_memory_stays_bounded(
     async def scenario(api: Api) -> None:
         slow = Follower(await SseStream.open(api.port, rcvbuf=4096, limit=65536))
         await slow.read_until(lambda f: len(f.state) == 4)
+        # A reader that keeps up, in the same flushes as the stalled one: the hub
+        # writes it the shared chunk while the stalled one goes through its pending.
+        fast = Follower(await SseStream.open(api.port))
+        await fast.read_until(lambda f: len(f.state) == 4)
         writer = Writer(redis_url, log)
         rss_before = api.stats()["rss_bytes"]
         for i in range(300):
-            await writer.put(types[i % 4], pad=32_000)
+            seq = await writer.put(types[i % 4], pad=32_000)
+            await fast.read_until(lambda f, seq=seq: f.last_id >= seq)
         # The stalled client holds at most one pending value per key at the server.
         wait_until(lambda: api.stats()["commits_received"] >= 300, 20,
                    message="the hub to receive every commit")
@@ -187,6 +192,8 @@ def test_a_slow_reader_gets_conflated_values_and_memory_stays_bounded(
         # ~10 MB went through the hub; the server kept only what one write holds.
         assert stats["rss_bytes"] - rss_before < 6 * 2**20, (rss_before, stats)
         expected = kv_state(r)
+        assert fast.state == expected
+        check_against_log(fast, log)
         await slow.read_until(lambda f: f.state == expected, within=30)
         check_against_log(slow, log)
         assert len(slow.ids) < 304, "a stalled reader should have skipped superseded values"
