@@ -141,6 +141,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         max_clients=settings.max_sse_clients,
         keepalive=settings.keepalive_seconds,
         flush_interval=settings.sse_flush_ms / 1000,
+        stall_timeout=settings.sse_stall_timeout,
     )
     rules = settings.type_rules()
     metrics = Metrics(hub)
@@ -311,6 +312,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
             "events_sent": hub.events_sent,
             "events_pushed": hub.events_pushed,
             "flushes": hub.flushes,
+            "streams_closed_stalled": hub.streams_closed_stalled,
             "snapshot_events": hub.snapshot_events,
             "values_conflated": hub.conflated,
             "commits_received": hub.messages,

@@ -28,6 +28,7 @@ from api_server.events import Event, TypeJson, frame, parse_notification
 from api_server.store import Store
 from api_server.stream import KEEPALIVE, Client
 from kv_updater.backoff import Backoff, Outage
+from kv_updater.logs import RateLimitedLog
 from kv_updater.subscriber import Subscription, SubscriptionLost
 
 log = logging.getLogger("api_server.hub")
@@ -50,6 +51,7 @@ class Hub:
         max_clients: int = 10_000,
         keepalive: float = 15.0,
         flush_interval: float = 0.0,
+        stall_timeout: float = 60.0,
     ) -> None:
         self.store = store
         self.redis_url = redis_url
@@ -57,6 +59,7 @@ class Hub:
         self.max_clients = max_clients
         self.keepalive = keepalive
         self.flush_interval = flush_interval
+        self.stall_timeout = stall_timeout
         self._dirty: list[Client] = []
         self._shared: dict[str, Event] = {}
         """Commits since the last flush for the unfiltered clients: newest per key,
@@ -72,6 +75,7 @@ class Hub:
         self.generation = 0
         self.last_seq = 0
         self.outage = Outage(log, "api subscription")
+        self._stall_log = RateLimitedLog(log)
         self._stopping = False
         self._sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,6 +91,7 @@ class Hub:
         self.resyncs = 0
         self.reconnects = 0
         self.streams_closed_on_reset = 0
+        self.streams_closed_stalled = 0
 
     # ---- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -371,6 +376,36 @@ class Hub:
         self.conflated += conflated
         return pushed
 
+    def _stalled(self, client: Client, now: float) -> bool:
+        """End a stream whose client has taken no bytes for ``stall_timeout`` s.
+
+        Its pending values are bounded (one per key), but its connection and its
+        place under ``max_sse_clients`` are not: a client that stopped reading - a
+        frozen tab, a peer gone without a FIN, someone holding slots on purpose -
+        would keep them for good.  A live EventSource that was only slow
+        reconnects and resumes from its Last-Event-ID.  Checked on the keep-alive
+        tick, so the cut comes within one ``keepalive_seconds`` after the timeout.
+        Needs the direct writer (it sees the transport's flow control)."""
+        writer = client.writer
+        if writer is None or client.closed or writer.writable():
+            client.stalled_since = 0.0
+            return False
+        if not client.stalled_since:
+            client.stalled_since = now
+            return False
+        if not self.stall_timeout or now - client.stalled_since < self.stall_timeout:
+            return False
+        self.streams_closed_stalled += 1
+        self._stall_log.log(
+            logging.WARNING,
+            "closed an SSE stream whose client took no bytes for %.0f s",
+            now - client.stalled_since,
+        )
+        client.closed = True
+        writer.abort()
+        client.wake()
+        return True
+
     def _resync_all(self) -> None:
         for client in self._clients():
             client.needs_snapshot = True
@@ -378,9 +413,13 @@ class Hub:
         self.resyncs += 1
 
     async def _keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.keepalive)
+            now = loop.time()
             for client in self._clients():
+                if self._stalled(client, now):
+                    continue
                 if client.can_push():
                     assert client.writer is not None
                     client.writer.write(KEEPALIVE)

@@ -64,6 +64,9 @@ class HubCollector(Collector):
             ("api_sse_closed_on_reset",
              "Streams ended because the commit sequence went back (Redis lost its data)",
              hub.streams_closed_on_reset),
+            ("api_sse_closed_stalled",
+             "Streams ended because the client took no bytes for sse_stall_timeout",
+             hub.streams_closed_stalled),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

@@ -38,6 +38,11 @@ class ApiSettings(RedisLayoutSettings):
         description="write to SSE clients at most once per this many ms (0 = as commits "
         "arrive; commits that arrive together still go out in one write)",
     )
+    sse_stall_timeout: float = Field(
+        60.0, ge=0, le=86_400,
+        description="close an SSE stream whose client has taken no bytes for this many "
+        "seconds (0 = never); its EventSource reconnects and resumes",
+    )
     redis_max_connections: int = Field(
         64, ge=1, le=10_000, description="Redis connections for reads (requests queue beyond)"
     )

@@ -99,6 +99,11 @@ class _UvicornBody:
     def writable(self) -> bool:
         return not (self._flow.write_paused or self._cycle.disconnected)
 
+    def abort(self) -> None:
+        # uvicorn's connection_lost then marks the cycle disconnected and resumes
+        # writing, so a send waiting for the drain returns.
+        self._cycle.transport.abort()
+
     def write(self, data: bytes) -> None:
         # A commit's frame is one shared object that a flush writes to every client
         # in turn: frame it as an HTTP chunk once, not once per client.  (One

@@ -41,6 +41,9 @@ class Writer(Protocol):
     def write(self, data: bytes) -> None:
         """Send SSE bytes as the next piece of the response body."""
 
+    def abort(self) -> None:
+        """Drop the connection now, whatever is still buffered."""
+
 
 class Client:
     """Per-client state; the hub writes into it, the client's generator reads it."""
@@ -54,6 +57,7 @@ class Client:
         "pending",
         "ping_due",
         "registered",
+        "stalled_since",
         "types",
         "waiter",
         "writer",
@@ -75,6 +79,8 @@ class Client:
         self.waiter: asyncio.Future[None] | None = None
         self.writer: Writer | None = None
         """Set once the response has started, when the server lets us write directly."""
+        self.stalled_since = 0.0
+        """Loop time the transport was first seen paused (0: not paused)."""
 
     def offer(self, event: Event, dirty: list[Client]) -> bool:
         """Queue a commit for this client; True when it replaced a pending one.

@@ -4,6 +4,7 @@ conflation, limits and clean-up - against a real api_server and a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import subprocess
 import threading
@@ -402,3 +403,41 @@ def test_streams_work_through_plain_asgi_send_where_there_is_no_direct_path(
         server.should_exit = True
         thread.join(15)
     assert not thread.is_alive()
+
+
+def test_a_client_that_stops_reading_is_disconnected_after_the_stall_timeout(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Prevents a client that takes no bytes - a frozen tab, a peer gone without a
+    FIN, a stranger holding slots - from keeping its connection and its place under
+    max_sse_clients for good.  A client that reads is not touched."""
+    types = ["z0", "z1"]
+    log = commit_sync(redis_url, types)
+
+    async def scenario(api: Api) -> None:
+        stuck = await SseStream.open(api.port, rcvbuf=4096, limit=65536)  # never read
+        healthy = Follower(await SseStream.open(api.port))
+        await healthy.read_until(lambda f: len(f.state) == 2)
+        writer = Writer(redis_url, log)
+        for i in range(300):  # ~10 MB: fills the stuck client's buffers, its transport pauses
+            await writer.put(types[i % 2], pad=32_000)
+        await healthy.read_until(lambda f: f.state == kv_state(r), within=30)
+        wait_until(lambda: api.stats()["streams_closed_stalled"] == 1, 20,
+                   message="the stalled stream to be closed")
+
+        async def to_the_end() -> None:
+            with contextlib.suppress(ConnectionError):
+                while await stuck.reader.read(1 << 20):
+                    pass
+
+        await asyncio.wait_for(to_the_end(), 20)  # the server dropped the connection
+        wait_until(lambda: api.stats()["clients"] == 1, 10, message="the slot freed")
+        assert api.metric("api_sse_closed_stalled_total") == 1
+        # The reader that kept up is still served.
+        seq = await writer.put("z0")
+        await healthy.read_until(lambda f: f.last_id >= seq)
+        await healthy.stream.aclose()
+        await writer.close()
+
+    with running_api(redis_url, ["--keepalive-seconds", "0.2", "--sse-stall-timeout", "1"]) as api:
+        asyncio.run(scenario(api))
