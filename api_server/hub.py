@@ -390,8 +390,13 @@ class Hub:
         if writer is None or client.closed or writer.writable():
             client.stalled_since = 0.0
             return False
-        if not client.stalled_since:
+        # Paused is not stalled: a slow reader behind a busy feed is paused most of
+        # the time.  While paused nothing is added to the buffer, so a buffer that
+        # did not shrink means the client took nothing.
+        buffered = writer.buffered()
+        if not client.stalled_since or buffered != client.stalled_bytes:
             client.stalled_since = now
+            client.stalled_bytes = buffered
             return False
         if not self.stall_timeout or now - client.stalled_since < self.stall_timeout:
             return False

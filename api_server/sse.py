@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
@@ -47,6 +49,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api_server.hub import Hub
 from api_server.stream import Client, Writer
+
+if sys.platform == "win32":  # no send-queue ioctl: the transport's buffer alone
+    _OUTQ: int | None = None
+else:
+    import fcntl
+    import termios
+
+    _OUTQ = termios.TIOCOUTQ
+    """ioctl: bytes in a socket's kernel send queue (SIOCOUTQ on Linux)."""
 
 SERVER_SEND = "api_server.server_send"
 """Scope key of the server's own ``send`` (set by ``app.ApiApp``), before middleware wraps
@@ -98,6 +109,18 @@ class _UvicornBody:
 
     def writable(self) -> bool:
         return not (self._flow.write_paused or self._cycle.disconnected)
+
+    def buffered(self) -> int:
+        # The transport's own buffer only drains when the kernel has a third of its
+        # send buffer (up to MBs) free again, seconds apart for a slow reader; the
+        # kernel's send queue shrinks with every read of the client.
+        transport = self._cycle.transport
+        size = int(transport.get_write_buffer_size())
+        sock = transport.get_extra_info("socket")
+        if sock is not None and _OUTQ is not None:
+            with contextlib.suppress(OSError, ValueError):
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+        return size
 
     def abort(self) -> None:
         # uvicorn's connection_lost then marks the cycle disconnected and resumes

@@ -44,6 +44,9 @@ class Writer(Protocol):
     def abort(self) -> None:
         """Drop the connection now, whatever is still buffered."""
 
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the kernel (they shrink as the client reads)."""
+
 
 class Client:
     """Per-client state; the hub writes into it, the client's generator reads it."""
@@ -57,6 +60,7 @@ class Client:
         "pending",
         "ping_due",
         "registered",
+        "stalled_bytes",
         "stalled_since",
         "types",
         "waiter",
@@ -80,7 +84,8 @@ class Client:
         self.writer: Writer | None = None
         """Set once the response has started, when the server lets us write directly."""
         self.stalled_since = 0.0
-        """Loop time the transport was first seen paused (0: not paused)."""
+        """Loop time the transport was seen paused with ``stalled_bytes`` buffered (0: not)."""
+        self.stalled_bytes = 0
 
     def offer(self, event: Event, dirty: list[Client]) -> bool:
         """Queue a commit for this client; True when it replaced a pending one.

@@ -398,7 +398,8 @@ def test_streams_work_through_plain_asgi_send_where_there_is_no_direct_path(
         asyncio.run(scenario())
         stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
         assert stats["events_pushed"] == 0, stats
-        assert stats["events_sent"] >= 22, stats
+        # The snapshot's 2, then live ones (fewer than 20 when commits came together).
+        assert stats["events_sent"] > 2, stats
     finally:
         server.should_exit = True
         thread.join(15)
@@ -437,6 +438,57 @@ def test_a_client_that_stops_reading_is_disconnected_after_the_stall_timeout(
         seq = await writer.put("z0")
         await healthy.read_until(lambda f: f.last_id >= seq)
         await healthy.stream.aclose()
+        await writer.close()
+
+    with running_api(redis_url, ["--keepalive-seconds", "0.2", "--sse-stall-timeout", "1"]) as api:
+        asyncio.run(scenario(api))
+
+
+def test_a_slow_reader_that_keeps_reading_is_not_taken_for_a_stalled_one(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Prevents false stalls: behind a busy feed a slow reader's transport is paused
+    most of the time, yet it makes progress and must keep its stream."""
+    types = ["w0", "w1"]
+    log = commit_sync(redis_url, types)
+
+    async def scenario(api: Api) -> None:
+        slow = await SseStream.open(api.port, rcvbuf=4096, limit=4096)
+        writer = Writer(redis_url, log)
+        loop = asyncio.get_running_loop()
+
+        async def flood() -> None:
+            for i in range(150):
+                await writer.put(types[i % 2], pad=32_000)
+
+        async def read_slowly(seconds: float) -> int:
+            got = 0
+            end = loop.time() + seconds
+            while loop.time() < end:
+                data = await slow.reader.read(8192)
+                assert data, "the server ended the stream of a client that reads"
+                got += len(data)
+                await asyncio.sleep(0.02)  # pacing a slow client, not synchronisation
+            return got
+
+        _, got = await asyncio.gather(flood(), read_slowly(4.0))
+        assert got > 0
+        stats = api.stats()
+        assert stats["values_conflated"] > 0, "the reader should have been behind"
+        assert stats["streams_closed_stalled"] == 0, stats
+        seq = await writer.put("w0")
+        marker = b"id: %d\n" % seq
+        seen = b""
+
+        async def until_marker() -> None:
+            nonlocal seen
+            while marker not in seen:
+                data = await slow.reader.read(1 << 20)
+                assert data, "the stream ended"
+                seen = seen[-64:] + data
+
+        await asyncio.wait_for(until_marker(), 30)
+        slow.close()
         await writer.close()
 
     with running_api(redis_url, ["--keepalive-seconds", "0.2", "--sse-stall-timeout", "1"]) as api:
