@@ -98,7 +98,7 @@ class _UvicornBody:
     """The body of one chunked uvicorn (httptools) response, written straight on its
     transport, as ``RequestResponseCycle.send`` would write it."""
 
-    __slots__ = ("_cycle", "_flow", "_write")
+    __slots__ = ("_closing", "_cycle", "_flow", "_write")
     last: ClassVar[tuple[bytes | None, bytes]] = (None, b"")
     """The last body piece written and its chunk framing."""
 
@@ -106,9 +106,12 @@ class _UvicornBody:
         self._cycle = cycle
         self._flow = cycle.flow
         self._write = cycle.transport.write
+        self._closing = cycle.transport.is_closing
 
     def writable(self) -> bool:
-        return not (self._flow.write_paused or self._cycle.disconnected)
+        # is_closing: a reset found by a write closes the transport at once, while
+        # uvicorn only hears of it (``disconnected``) on the next loop iteration.
+        return not (self._flow.write_paused or self._cycle.disconnected or self._closing())
 
     def buffered(self) -> int:
         # The transport's own buffer only drains when the kernel has a third of its
@@ -137,7 +140,12 @@ class _UvicornBody:
         else:
             chunk = b"%x\r\n%b\r\n" % (len(data), data)
             _UvicornBody.last = (data, chunk)
-        self._write(chunk)
+        try:  # noqa: SIM105 - the hot path: a try is free, suppress() is a context manager
+            self._write(chunk)
+        except RuntimeError:
+            # uvloop raises on a transport it already closed (that same window):
+            # the client is gone, uvicorn's disconnect follows; nothing to undo.
+            pass
 
 
 def uvicorn_body_writer(send: Any) -> Writer | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -492,4 +494,47 @@ def test_a_slow_reader_that_keeps_reading_is_not_taken_for_a_stalled_one(
         await writer.close()
 
     with running_api(redis_url, ["--keepalive-seconds", "0.2", "--sse-stall-timeout", "1"]) as api:
+        asyncio.run(scenario(api))
+
+
+def test_clients_that_reset_mid_stream_do_not_disturb_the_others(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Prevents one dead connection from breaking a flush: 100 clients vanish with a
+    TCP reset while commits flow; the hub's subscription stays up (no resync, no
+    error) and the clients left get every commit."""
+    types = [f"x{i}" for i in range(5)]
+    log = commit_sync(redis_url, types)
+
+    async def scenario(api: Api) -> None:
+        keep = [Follower(await SseStream.open(api.port)) for _ in range(3)]
+        doomed = [await SseStream.open(api.port) for _ in range(100)]
+        for follower in keep:
+            await follower.read_until(lambda f: len(f.state) == 5)
+        writer = Writer(redis_url, log)
+
+        async def write_many() -> None:
+            for i in range(400):
+                await writer.put(types[i % 5], pad=2_000)
+
+        writing = asyncio.create_task(write_many())
+        for stream in doomed:
+            sock = stream.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            stream.writer.transport.abort()  # linger 0: a reset, not a FIN
+            await asyncio.sleep(0)  # let commits flow between the resets
+        await writing
+        expected = kv_state(r)
+        for follower in keep:
+            await follower.read_until(lambda f, e=expected: f.state == e)
+            check_against_log(follower, log)
+        wait_until(lambda: api.stats()["clients"] == 3, 10, message="the reset clients gone")
+        assert api.metric("api_sse_resyncs_total") == 1  # the first subscription only
+        assert api.metric("api_redis_reconnects_total") == 0
+        assert "Traceback" not in api.service.log, api.service.log[-3000:]
+        for follower in keep:
+            await follower.stream.aclose()
+        await writer.close()
+
+    with running_api(redis_url) as api:
         asyncio.run(scenario(api))
