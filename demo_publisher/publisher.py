@@ -18,15 +18,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from demo_publisher.feeds import Feed, catalog
 from demo_publisher.settings import PublisherSettings
 from kv_updater.backoff import Backoff, Outage
+from kv_updater.resp import RespLink
 
 log = logging.getLogger("demo_publisher")
 
@@ -108,8 +107,10 @@ class Publisher:
 
     async def run(self) -> Stats:
         s = self.settings
-        # No per-read socket timeout: it costs a timer per reply; each batch has one instead.
-        client = aioredis.Redis.from_url(s.redis_url, socket_connect_timeout=5)
+        # One timeout per batch (the link's), not one per reply.
+        link = RespLink(
+            s.redis_url, client_name="demo-publisher", timeout=BATCH_TIMEOUT, connect_timeout=5
+        )
         outage = Outage(log, "demo-publisher")
         backoff = Backoff(base=0.1, cap=5.0)
         loop = asyncio.get_running_loop()
@@ -141,9 +142,7 @@ class Publisher:
                 if due > 0:
                     batch = self.build(due)
                     try:
-                        receivers = await asyncio.wait_for(
-                            self._publish(client, batch), BATCH_TIMEOUT
-                        )
+                        receivers = await self._publish(link, batch)
                     except (RedisError, OSError, TimeoutError) as exc:
                         stats.failed += len(batch)
                         outage.failed(exc)
@@ -170,7 +169,7 @@ class Publisher:
                 else:
                     await asyncio.sleep(0)
         finally:
-            await client.aclose()
+            link.close()
         elapsed = stats.elapsed
         log.info(
             "stopped: sent %d messages in %.1f s (%.1f msg/s)%s",
@@ -179,29 +178,21 @@ class Publisher:
         )
         return stats
 
-    async def _publish(self, client: aioredis.Redis, batch: list[bytes]) -> int:
+    async def _publish(self, link: RespLink, batch: list[bytes]) -> int:
         """PUBLISH every payload in one write, pipelined; the last reply's receiver count.
 
-        Packed by hand and sent on a pooled connection: redis-py's pipeline spends
-        more time encoding commands and arming reply timers than the feeds spend
+        Packed by hand and sent on a ``RespLink``: redis-py's pipeline spends more
+        time encoding commands and arming reply timers than the feeds spend
         computing the values (the same reason kv_updater's commit goes below it).
+        The first error reply is raised, failing the batch.
         """
         head = self._publish_head
         data = b"".join([b"%s$%d\r\n%s\r\n" % (head, len(p), p) for p in batch])
-        pool = client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(data, check_health=False)
-            reply: Any = 0
-            for _ in batch:
-                reply = await conn.read_response()  # raises an error reply as ResponseError
-        except BaseException:
-            # Replies left unread would be taken for the next command's: drop the connection.
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-        return int(reply)
+        replies = await link.request(data, len(batch))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return int(replies[-1])
 
     def _note_subscribers(self, receivers: int) -> None:
         before = self.stats.subscribers
