@@ -52,7 +52,9 @@ class KVUpdater:
         if client is not None and settings is None:
             overrides["redis_url"] = url_of(client)
         base = settings or UpdaterSettings()
-        self.settings = base.model_validate({**base.model_dump(by_alias=True), **overrides})
+        # exclude_unset: a derived stored_channel is derived again from the new channel.
+        given = base.model_dump(by_alias=True, exclude_unset=True)
+        self.settings = base.model_validate({**given, **overrides})
         s = self.settings
         self.client = client or aioredis.Redis.from_url(
             s.redis_url, socket_timeout=10, socket_connect_timeout=5, client_name="kv-updater"

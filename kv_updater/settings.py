@@ -133,6 +133,8 @@ class RedisLayoutSettings(CommonSettings):
     def _derive_stored_channel(self) -> RedisLayoutSettings:
         if not self.stored_channel:
             self.stored_channel = f"{self.channel}:stored"
+            # Derived, not set: a copy made with exclude_unset derives it again.
+            self.__pydantic_fields_set__.discard("stored_channel")
         if self.stored_channel == self.channel:
             raise ValueError(
                 "stored_channel must differ from channel (the updater would read its own commits)"

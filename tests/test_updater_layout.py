@@ -77,6 +77,24 @@ def test_the_seeds_constructor_takes_a_client_a_channel_and_the_validation_flag(
         assert "p%40ss" not in str(updater.settings.redacted())
 
 
+def test_the_seeds_constructor_does_not_freeze_the_derived_stored_channel(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """KVUpdater(client, channel) commits on "<channel>:stored", not on the default
+    channel's "update:stored"; a channel named "update:stored" is allowed."""
+    client = aioredis.Redis.from_url(redis_url)
+    updater = KVUpdater(client, "seed-channel")
+    assert updater.settings.stored_channel == "seed-channel:stored"
+    with Listener(r, "seed-channel:stored") as stored, InProcessUpdater(updater):
+        publish_all(r, "seed-channel", [message("derived")])
+        (note,) = stored.wait_count(1)
+    assert orjson.loads(note)["type"] == "derived"
+    assert KVUpdater(client, "update:stored").settings.stored_channel == "update:stored:stored"
+    explicit = settings_for(redis_url, stored_channel="commits")
+    assert KVUpdater(client, "other", settings=explicit).settings.stored_channel == "commits"
+    asyncio.run(client.aclose())
+
+
 def test_commits_go_to_the_database_of_the_url(redis_url: str, r: redis.Redis) -> None:
     """The commit connection (kv_updater.resp.RespLink) selects the URL's database,
     as redis-py's connections did before it."""
