@@ -43,7 +43,7 @@ from typing import IO
 
 import redis
 
-from kv_updater.settings import mask_url
+from kv_updater.settings import CommonSettings, SettingsError, load_settings, mask_url
 
 PROG = "demo"
 DEFAULT_PORT = 8000
@@ -297,7 +297,13 @@ class Stack:
         if a.log_level:
             common += ["--log-level", a.log_level]
         updater = self._spawn("kv-updater", [py, "-m", "kv_updater", *common])
-        channel = os.environ.get("CHANNEL", "update")
+        # The channel the services will read (flags, environment, ./config.py, defaults).
+        try:
+            channel = load_settings(
+                CommonSettings, ["--redis-url", self.redis_url], "demo-stack"
+            ).channel
+        except SettingsError as exc:
+            raise StartFailed(str(exc)) from None
         self._wait_ready(updater, "subscription", lambda: self._subscribed(channel))
         api = self._spawn("api-server", [py, "-m", "api_server", *common, "--host", a.host,
                                          "--port", str(port)])
