@@ -70,6 +70,7 @@ class Committer:
         dead_letter: str = "",
         dead_letter_maxlen: int = 10_000,
         source_channel: str = "",
+        url: str | None = None,
     ) -> None:
         self.client = client
         self.layout = layout
@@ -79,7 +80,8 @@ class Committer:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.source_channel = source_channel
         self._sha: str | None = None
-        self._link = RespLink.for_client(client, "kv-updater")
+        # The link connects to ``url`` (default: where ``client`` connects).
+        self._link = RespLink.for_client(client, "kv-updater", url)
 
     async def load_script(self) -> None:
         self._sha = str(await self.client.script_load(COMMIT_LUA))

@@ -34,6 +34,21 @@ from redis.exceptions import NoScriptError, ResponseError
 P = TypeVar("P", bound=asyncio.Protocol)
 
 
+# The TLS settings a URL's query string can carry (what parse_url reads back).
+_URL_TLS_OPTIONS = (
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_ca_data",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "ssl_check_hostname",
+    "ssl_min_version",
+    "ssl_ciphers",
+)
+
+
 def url_of(client: aioredis.Redis) -> str:
     """A redis URL for a raw connection of its own, from a redis-py client's settings."""
     kw = client.connection_pool.connection_kwargs
@@ -48,10 +63,14 @@ def url_of(client: aioredis.Redis) -> str:
         return f"redis://{where}"
     # A TLS client: the raw connection needs TLS too, with the same certificate settings.
     tls = {}
-    for name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+    for name in _URL_TLS_OPTIONS:
         value = kw.get(name)
-        if value is not None:
-            tls[name] = value.name if isinstance(value, ssl.VerifyMode) else str(value)
+        if isinstance(value, ssl.VerifyMode):  # spelled as redis-py's URLs take it
+            tls[name] = value.name.removeprefix("CERT_").lower()
+        elif isinstance(value, int):  # a bool, or an ssl.TLSVersion (parse_url: int)
+            tls[name] = str(value) if isinstance(value, bool) else str(int(value))
+        elif value is not None:
+            tls[name] = str(value)
     return f"rediss://{where}" + (f"?{urlencode(tls)}" if tls else "")
 
 
@@ -69,17 +88,10 @@ def _keepalive(sock: Any) -> None:
 
 
 def _ssl_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=kwargs.get("ssl_ca_certs"))
-    reqs = str(kwargs.get("ssl_cert_reqs", "required")).lower()
-    if reqs in ("none", "cert_none"):
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    elif reqs in ("optional", "cert_optional"):
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    if kwargs.get("ssl_certfile"):
-        ctx.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"))
-    return ctx
+    """redis-py's own context for a URL's TLS settings (certificates, hostname check,
+    minimum version, ciphers...)."""
+    tls = {k: v for k, v in kwargs.items() if k.startswith("ssl_")}
+    return SSLConnection(**tls).ssl_context.get()
 
 
 async def connect(
@@ -177,11 +189,13 @@ class RespLink:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def for_client(cls, client: aioredis.Redis, client_name: str) -> RespLink:
-        """A link to where a redis-py client connects, with its timeouts."""
+    def for_client(
+        cls, client: aioredis.Redis, client_name: str, url: str | None = None
+    ) -> RespLink:
+        """A link to where a redis-py client connects (or to ``url``), with its timeouts."""
         kw = client.connection_pool.connection_kwargs
         return cls(
-            url_of(client),
+            url or url_of(client),
             client_name=client_name,
             timeout=kw.get("socket_timeout"),
             connect_timeout=kw.get("socket_connect_timeout") or 5.0,

@@ -70,6 +70,7 @@ class KVUpdater:
             dead_letter=s.dead_letter,
             dead_letter_maxlen=s.dead_letter_maxlen,
             source_channel=s.channel,
+            url=s.redis_url,
         )
         self.metrics = UpdaterMetrics()
         self.ready = False
