@@ -231,26 +231,6 @@ async def _fleet(port: int, n: int, path: str | None, total: Any, connected: Any
         c.transport.close()
 
 
-async def open_sse(port: int, path: str, marker: bytes = SSE_MARKER) -> Counting:
-    loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: Counting(marker), "127.0.0.1", port)
-    assert proto.transport is not None
-    proto.transport.write(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
-    )
-    return proto
-
-
-async def open_many(port: int, path: str, n: int, step: int = 500) -> list[Counting]:
-    """``n`` SSE clients, opened ``step`` at a time, each having received its headers."""
-    clients: list[Counting] = []
-    for start in range(0, n, step):
-        batch = await asyncio.gather(*(open_sse(port, path) for _ in range(min(step, n - start))))
-        await asyncio.wait_for(asyncio.gather(*(c.first_byte for c in batch)), 60)
-        clients += batch
-    return clients
-
-
 async def until(predicate: Callable[[], bool], within: float, what: str) -> None:
     """Poll ``predicate`` without blocking the loop; fail after ``within`` s."""
     deadline = time.monotonic() + within
@@ -265,7 +245,3 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return float("nan")
     k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
     return sorted_values[k]
-
-
-def now() -> float:
-    return time.perf_counter()

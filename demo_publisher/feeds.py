@@ -88,7 +88,6 @@ def _local_hour(now: datetime, utc_offset_h: float) -> float:
 class Feed:
     """One key of the demo: its type, how long a value stays valid, and its values."""
 
-    kind = "feed"
     horizon_s = 60.0
 
     def __init__(self, type_: str) -> None:
@@ -155,7 +154,6 @@ def _season(now: datetime, lat: float) -> float:
 
 
 class Weather(Feed):
-    kind = "weather"
     horizon_s = 120.0
 
     def __init__(self, city: City, rng: random.Random) -> None:
@@ -226,7 +224,6 @@ def aqi_pm25(pm25: float) -> tuple[int, str]:
 
 
 class AirQuality(Feed):
-    kind = "air"
     horizon_s = 300.0
 
     def __init__(self, city: City, rng: random.Random) -> None:
@@ -294,7 +291,6 @@ def _day(when: datetime) -> str:
 
 
 class Moon(Feed):
-    kind = "moon"
     horizon_s = 600.0
 
     def __init__(self) -> None:
@@ -304,15 +300,21 @@ class Moon(Feed):
         return moon_phase(now)
 
 
-class Boiler(Feed):
-    """A heating boiler: the burner cycles on and off around its set-point."""
+class Sensor(Feed):
+    """A building's sensor: type ``sensor:<name>``, a short horizon, its generator."""
 
-    kind = "sensor"
     horizon_s = 30.0
 
     def __init__(self, name: str, rng: random.Random) -> None:
         super().__init__(f"sensor:{name}")
         self.rng = rng
+
+
+class Boiler(Sensor):
+    """A heating boiler: the burner cycles on and off around its set-point."""
+
+    def __init__(self, name: str, rng: random.Random) -> None:
+        super().__init__(name, rng)
         self.setpoint = rng.choice((65.0, 70.0, 75.0))
         self.temp = self.setpoint + rng.uniform(-4, 4)
         self.burner = rng.random() < 0.5
@@ -337,15 +339,11 @@ class Boiler(Feed):
         }
 
 
-class Pump(Feed):
+class Pump(Sensor):
     """A centrifugal pump: flow follows speed, vibration has rare spikes."""
 
-    kind = "sensor"
-    horizon_s = 30.0
-
     def __init__(self, name: str, rng: random.Random) -> None:
-        super().__init__(f"sensor:{name}")
-        self.rng = rng
+        super().__init__(name, rng)
         self.rpm = Walk(rng, rng.choice((1450.0, 2900.0)), 60.0, 0.0, 3200.0, revert_h=1)
         self.vibration = Walk(rng, 2.2, 0.6, 0.4, 12.0, revert_h=1)
         self.spike = 0.0
@@ -371,14 +369,11 @@ class Pump(Feed):
         }
 
 
-class PowerMeter(Feed):
+class PowerMeter(Sensor):
     """A building's electricity meter: office hours, grid voltage, a running total."""
 
-    kind = "sensor"
-    horizon_s = 30.0
-
-    def __init__(self, name: str, rng: random.Random, utc_offset_h: float) -> None:
-        super().__init__(f"sensor:{name}")
+    def __init__(self, name: str, rng: random.Random, utc_offset_h: float = 1.0) -> None:
+        super().__init__(name, rng)
         self.utc_offset_h = utc_offset_h
         self.base_kw = rng.uniform(20, 120)
         self.noise = Walk(rng, 0.0, 0.08, -0.3, 0.3, revert_h=0.5)
@@ -398,15 +393,11 @@ class PowerMeter(Feed):
         }
 
 
-class Room(Feed):
+class Room(Sensor):
     """A meeting room: CO2 rises while people are in, temperature follows."""
 
-    kind = "sensor"
-    horizon_s = 30.0
-
-    def __init__(self, name: str, rng: random.Random, utc_offset_h: float) -> None:
-        super().__init__(f"sensor:{name}")
-        self.rng = rng
+    def __init__(self, name: str, rng: random.Random, utc_offset_h: float = 1.0) -> None:
+        super().__init__(name, rng)
         self.utc_offset_h = utc_offset_h
         self.people = 0
         self.co2 = rng.uniform(420, 700)
@@ -433,19 +424,11 @@ class Room(Feed):
 SensorFactory = Callable[[str, random.Random], Feed]
 
 
-def _meter(name: str, rng: random.Random) -> Feed:
-    return PowerMeter(name, rng, 1.0)
-
-
-def _room(name: str, rng: random.Random) -> Feed:
-    return Room(name, rng, 1.0)
-
-
 _SENSORS: tuple[tuple[str, SensorFactory], ...] = (
     ("boiler", Boiler),
     ("pump", Pump),
-    ("meter", _meter),
-    ("room", _room),
+    ("meter", PowerMeter),
+    ("room", Room),
 )
 
 FeedFactory = Callable[[random.Random], Feed]

@@ -28,7 +28,6 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 cd "$ROOT"
 
-export TESTCONTAINERS_RYUK_DISABLED=true
 export COMPOSE_DOCKER_CLI_BUILD=0 DOCKER_BUILDKIT=0
 PYTHON=${PYTHON:-python3}
 read -r -a COMPOSE_CMD <<<"${COMPOSE:-docker-compose}"

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
@@ -311,16 +311,3 @@ class Service:
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.stop()
-
-
-@contextlib.contextmanager
-def running(
-    module: str,
-    args: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-    ready_log: str | None = None,
-) -> Iterator[Service]:
-    with Service(module, args, env) as svc:
-        if ready_log:
-            svc.wait_log(ready_log)
-        yield svc
