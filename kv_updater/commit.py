@@ -99,8 +99,9 @@ class Committer:
                     if isinstance(item, Exception):
                         raise item
             return BatchOutcome([])
-        winners = _winners(batch)
-        commit, data_keys, written = self._commit_command(batch, winners)
+        encoded: dict[int, bytes] = {}
+        winners = _winners(batch, encoded)
+        commit, data_keys, written = self._commit_command(batch, winners, encoded)
         reads: list[Sequence[str | bytes]] = []
         if self.validate:
             reads = [("MGET", *data_keys), ("ZMSCORE", self.layout.index, *winners)]
@@ -120,11 +121,12 @@ class Committer:
         )
 
     def _commit_command(
-        self, batch: list[Accepted], winners: dict[str, int]
+        self, batch: list[Accepted], winners: dict[str, int], encoded: dict[int, bytes]
     ) -> tuple[tuple[str | bytes, ...], list[str], list[bytes]]:
         """The EVALSHA of the winners, their data keys, and the stored value of each.
 
-        The read-back compares against those values instead of encoding them again.
+        ``encoded``: stored values _winners already encoded, by position.  The
+        read-back compares against those values instead of encoding them again.
         """
         layout = self.layout
         data_key = layout.data_key
@@ -133,7 +135,7 @@ class Committer:
         written: list[bytes] = []
         for position in winners.values():
             msg = batch[position]
-            stored = msg.stored
+            stored = encoded.get(position) or msg.stored
             written.append(stored)
             data_keys.append(data_key(msg.type))
             args += (msg.type, msg.instant, stored, msg.type_json)
@@ -223,11 +225,12 @@ class Committer:
 _pack: Any = hiredis.pack_command
 
 
-def _winners(batch: list[Accepted]) -> dict[str, int]:
+def _winners(batch: list[Accepted], encoded: dict[int, bytes]) -> dict[str, int]:
     """The message that wins each key in the batch, mapped to its position.
 
     The latest instant wins; on a tie the later arrival does (DESIGN.md), except an
     identical value, which would be a no-op anyway.  Ordered by first appearance.
+    A tie compares stored values: each is encoded once, kept in ``encoded`` by position.
     """
     best: dict[str, int] = {}
     for position, msg in enumerate(batch):
@@ -237,10 +240,19 @@ def _winners(batch: list[Accepted]) -> dict[str, int]:
             continue
         held = batch[current]
         if msg.instant > held.instant or (
-            msg.instant == held.instant and msg.stored != held.stored
+            msg.instant == held.instant
+            and _stored(batch, encoded, position) != _stored(batch, encoded, current)
         ):
             best[msg.type] = position
     return best
+
+
+def _stored(batch: list[Accepted], encoded: dict[int, bytes], position: int) -> bytes:
+    """The stored value of ``batch[position]``, encoded at most once per batch."""
+    stored = encoded.get(position)
+    if stored is None:
+        stored = encoded[position] = batch[position].stored
+    return stored
 
 
 def _statuses(batch: list[Accepted], winners: dict[str, int], committed: list[int]) -> list[int]:
