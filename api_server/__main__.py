@@ -11,9 +11,6 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-# Imported before uvicorn's Server starts: sse-starlette hooks the exit signal so
-# open streams end at once on SIGTERM instead of holding the shutdown.
-import sse_starlette  # noqa: F401
 import uvicorn
 
 from api_server.app import create_app

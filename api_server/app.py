@@ -167,7 +167,6 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.hub = hub
-    app.state.store = store
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:

@@ -35,8 +35,6 @@ log = logging.getLogger("api_server.hub")
 
 _LOST = (OSError, RedisError, SubscriptionLost, asyncio.TimeoutError)
 TAKE_MAX = 2_000
-HEALTH_INTERVAL = 5.0
-"""A subscription silent this long checks that Redis still answers."""
 RETRY_FIELD = b"retry: 1000\n\n"
 """First bytes of a stream: EventSource reconnects after 1 s instead of ~3 s."""
 
@@ -68,9 +66,10 @@ class Hub:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self.type_json = TypeJson()
+        self.clients: set[Client] = set()
+        """Every registered client; ``unfiltered`` and ``by_type`` route commits to them."""
         self.unfiltered: set[Client] = set()
         self.by_type: dict[str, set[Client]] = {}
-        self.count = 0
         self.subscribed = False
         self.generation = 0
         self.last_seq = 0
@@ -82,14 +81,13 @@ class Hub:
         # Counters read at scrape time (plain ints: they are bumped per client per event).
         self.events_sent = 0
         self.events_pushed = 0
-        self.flushes = 0
         """Of those, written by the hub straight to the socket (Client.push)."""
+        self.flushes = 0
         self.snapshot_events = 0
         self.conflated = 0
         self.messages = 0
         self.ignored = 0
         self.resyncs = 0
-        self.reconnects = 0
         self.streams_closed_on_reset = 0
         self.streams_closed_stalled = 0
 
@@ -112,38 +110,43 @@ class Hub:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for client in self._clients():
-            client.closed = True
-            client.wake()
+        self.close_all()
 
     def close_all(self) -> None:
         """Server shutdown: refuse new streams and end every open one cleanly."""
         self._stopping = True
-        for client in self._clients():
+        for client in list(self.clients):
             client.closed = True
             client.wake()
+
+    @property
+    def count(self) -> int:
+        return len(self.clients)
+
+    @property
+    def reconnects(self) -> int:
+        """Subscriptions re-opened after the first one."""
+        return max(self.generation - 1, 0)
 
     # ---- clients ---------------------------------------------------------------
     def register(self, client: Client) -> bool:
         """Add a client before it reads its snapshot; False at the client limit."""
-        if self.count >= self.max_clients or self._stopping:
+        if len(self.clients) >= self.max_clients or self._stopping:
             return False
+        self.clients.add(client)
         if client.types is None:
             self.unfiltered.add(client)
         else:
             for name in client.types:
                 self.by_type.setdefault(name, set()).add(client)
-        client.registered = True
-        self.count += 1
         return True
 
     def unregister(self, client: Client) -> None:
         """Idempotent: the generator's finally and the response's background both call it."""
-        if not client.registered:
+        if client not in self.clients:
             return
-        client.registered = False
+        self.clients.discard(client)
         client.closed = True
-        self.count -= 1
         if client.types is None:
             self.unfiltered.discard(client)
         else:
@@ -156,14 +159,8 @@ class Hub:
         client.pending.clear()
         client.wake()
 
-    def _clients(self) -> list[Client]:
-        seen = set(self.unfiltered)
-        for group in self.by_type.values():
-            seen |= group
-        return list(seen)
-
     def pending_values(self) -> int:
-        return sum(len(c.pending) for c in self._clients())
+        return sum(len(c.pending) for c in self.clients)
 
     # ---- the stream of one client ------------------------------------------------
     async def stream(self, client: Client) -> AsyncGenerator[bytes, None]:
@@ -233,18 +230,13 @@ class Hub:
                 sub = await Subscription.open(
                     self.redis_url, self.channel, client_name="api-server", connect_timeout=5.0
                 )
-            except _LOST as exc:
-                self.outage.failed(exc)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            except Exception as exc:  # a bug must not end the subscription for good
-                log.exception("subscribing failed unexpectedly")
+            except Exception as exc:  # a bug must not end the subscription for good either
+                if not isinstance(exc, _LOST):
+                    log.exception("subscribing failed unexpectedly")
                 self.outage.failed(exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             self._sub = sub
-            if self.generation:
-                self.reconnects += 1
             self.generation += 1
             self.last_seq = 0
             self.subscribed = True
@@ -266,18 +258,10 @@ class Hub:
                 sub.close()
 
     async def _pump(self, sub: Subscription) -> None:
+        # A quiet channel is checked by the subscription itself: PING after 10 s of
+        # silence, lost without a PONG 5 s later (kv_updater.subscriber).
         while not self._stopping:
-            try:
-                async with asyncio.timeout(HEALTH_INTERVAL):
-                    batch = await sub.take(TAKE_MAX)
-            except TimeoutError:
-                # Quiet channel: make sure Redis is still there (a dead peer sends no FIN).
-                async with asyncio.timeout(HEALTH_INTERVAL):
-                    await self.store.ping()
-                continue
-            if not batch and sub.unsubscribed:
-                return
-            self.dispatch(batch)
+            self.dispatch(await sub.take(TAKE_MAX))
 
     def dispatch(self, batch: list[bytes]) -> None:
         """Fan a batch of commit notifications out to the clients, in order."""
@@ -356,11 +340,15 @@ class Hub:
         replaced, self._shared_replaced = self._shared_replaced, 0
         events = list(shared.values())
         first = events[0].seq
-        chunk = events[0].frame if len(events) == 1 else b"".join([e.frame for e in events])
+        # One event: join hands back that same frame object, so the writer's framing
+        # cache still recognises it.
+        chunk = b"".join([e.frame for e in events])
         last = events[-1].seq
         count = len(events)
         dirty = self._dirty
-        pushed = conflated = 0
+        pushed = 0
+        # A commit replaced inside the window is one conflated value for each client.
+        conflated = replaced * len(self.unfiltered)
         for client in self.unfiltered:
             if not client.pending and client.floor < first and client.can_push():
                 writer = client.writer
@@ -368,11 +356,9 @@ class Hub:
                 writer.write(chunk)
                 client.last_id = last
                 pushed += count
-                conflated += replaced
             else:
                 for event in events:
                     conflated += client.offer(event, dirty)
-                conflated += replaced
         self.conflated += conflated
         return pushed
 
@@ -412,7 +398,7 @@ class Hub:
         return True
 
     def _resync_all(self) -> None:
-        for client in self._clients():
+        for client in list(self.clients):
             client.needs_snapshot = True
             client.wake()
         self.resyncs += 1
@@ -422,7 +408,7 @@ class Hub:
         while True:
             await asyncio.sleep(self.keepalive)
             now = loop.time()
-            for client in self._clients():
+            for client in list(self.clients):
                 if self._stalled(client, now):
                     continue
                 if client.can_push():

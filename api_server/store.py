@@ -150,7 +150,7 @@ class Store:
         """Global seq and every (filtered) indexed key committed after ``since``."""
         args: list[str | int] = [self.layout.key_prefix, since]
         if types is not None:
-            args.extend(sorted(types))
+            args.extend(types)  # the reply is sorted by seq below
         reply: list[Any] = await self._snapshot(
             keys=[self.layout.seq, self.layout.index], args=args
         )

@@ -59,7 +59,6 @@ class Client:
         "needs_snapshot",
         "pending",
         "ping_due",
-        "registered",
         "stalled_bytes",
         "stalled_since",
         "types",
@@ -78,7 +77,6 @@ class Client:
         self.needs_snapshot = True
         self.ping_due = False
         self.closed = False
-        self.registered = False
         self.dirty = False
         self.waiter: asyncio.Future[None] | None = None
         self.writer: Writer | None = None

@@ -24,18 +24,23 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 import orjson
 import redis.asyncio as aioredis
-from api_common import ROOT, ApiProcess, percentile, raise_nofile
-from common import BenchRedis, free_port, machine, stolen_seconds, wait_for
+from api_common import ApiProcess, percentile, raise_nofile
+from common import (
+    BenchRedis,
+    cpu_seconds,
+    free_port,
+    machine,
+    start_service,
+    stolen_seconds,
+)
 
 from kv_updater.commit import Committer
 from kv_updater.keys import KeyLayout
@@ -188,12 +193,6 @@ def commit_directly(url: str, rate: float, seconds: float, keys: int,
     return asyncio.run(run())
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Figures:
     p50: float
@@ -258,23 +257,25 @@ def measure(redis: BenchRedis, port: int, path: str | None, args: argparse.Names
 
 def run_updater(redis_url: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kv_updater", "--redis-url", redis_url, "--metrics-port",
-         str(port), "--metrics-host", "127.0.0.1", "--log-level", "WARNING"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = start_service(
+        "kv_updater",
+        ["--redis-url", redis_url, "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
+         "--log-level", "WARNING"],
+        f"http://127.0.0.1:{port}/ready",
     )
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kv_updater exited {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    wait_for(ready, 30, "kv_updater /ready", interval=0.05)
     return proc, port
+
+
+def measure_api_alone(args: argparse.Namespace) -> Figures:
+    """The api_server's share: commits made in this process, no kv_updater."""
+    redis = BenchRedis()
+    api = ApiProcess(redis.url)
+    try:
+        return measure(redis, api.port, "/events", args, {"api_server": api.proc.pid},
+                       direct=True)
+    finally:
+        api.stop()
+        redis.stop()
 
 
 def main() -> None:
@@ -292,14 +293,7 @@ def main() -> None:
     raise_nofile()
 
     if args.api_only:
-        redis = BenchRedis()
-        api = ApiProcess(redis.url)
-        try:
-            alone = measure(redis, api.port, "/events", args, {"api_server": api.proc.pid},
-                            direct=True)
-        finally:
-            api.stop()
-            redis.stop()
+        alone = measure_api_alone(args)
         print(f"share of api_server (Committer in-process -> api_server -> SSE): {alone.line()}")
         return
 
@@ -309,14 +303,7 @@ def main() -> None:
     finally:
         redis.stop()
 
-    redis = BenchRedis()
-    api = ApiProcess(redis.url)
-    try:
-        alone = measure(redis, api.port, "/events", args, {"api_server": api.proc.pid},
-                        direct=True)
-    finally:
-        api.stop()
-        redis.stop()
+    alone = measure_api_alone(args)
 
     redis = BenchRedis()
     updater, _ = run_updater(redis.url)
