@@ -53,10 +53,18 @@ class RateLimitedLog:
     A flood of bad messages must be logged without the log itself becoming the
     bottleneck (or the disk filler): each rejected message is still counted in
     the metrics, and the summary line says how many lines were held back.
+    ``what`` names the events in that line ("rejected messages", "validation failures").
     """
 
-    def __init__(self, logger: logging.Logger, burst: int = 20, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        burst: int = 20,
+        interval: float = 5.0,
+        what: str = "rejected messages",
+    ) -> None:
         self.logger = logger
+        self.what = what
         self.burst = burst
         self.interval = interval
         self._window_start = time.monotonic()
@@ -76,8 +84,9 @@ class RateLimitedLog:
     def flush(self, now: float | None = None) -> None:
         if self._suppressed:
             self.logger.warning(
-                "%d more rejected messages not logged in the last %.0f s (see the metrics)",
+                "%d more %s not logged in the last %.0f s (see the metrics)",
                 self._suppressed,
+                self.what,
                 self.interval,
             )
         self._window_start = time.monotonic() if now is None else now

@@ -80,7 +80,7 @@ class KVUpdater:
         self._run_id: str | None = None
         self._carry: tuple[list[Accepted], list[tuple[Rejected, bytes]]] | None = None
         self._rejections = RateLimitedLog(log)
-        self._mismatch_log = RateLimitedLog(log)
+        self._mismatch_log = RateLimitedLog(log, what="validation failures")
         self._summary_at = time.monotonic() + SUMMARY_INTERVAL
         self._summary = [0, 0]  # validated keys, committed messages since the last summary
 
