@@ -7,24 +7,20 @@ import asyncio
 import multiprocessing as mp
 import os
 import resource
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from common import free_port, wait_for
+from common import free_port, start_service, wait_for
 
 from kv_updater.commit import Committer
 from kv_updater.keys import KeyLayout
 from kv_updater.message import Accepted, MessageRules
 
-ROOT = Path(__file__).resolve().parent.parent
 RULES = MessageRules(KeyLayout())
 _BASE = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -85,21 +81,16 @@ class ApiProcess:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api_server", "--redis-url", redis_url, "--host",
-             "127.0.0.1", "--port", str(self.port), "--log-level", "WARNING", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
-        wait_for(self._ready, 30, "api_server /ready", interval=0.05)
-
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"api_server exited {self.proc.returncode}")
         try:
-            with urllib.request.urlopen(self.base + "/ready", timeout=2) as resp:  # noqa: S310
-                return bool(resp.status == 200)
-        except OSError:
-            return False
+            self.proc = start_service(
+                "api_server",
+                ["--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "WARNING", *extra],
+                self.base + "/ready", self.log,
+            )
+        except BaseException:
+            self.log.close()
+            raise
 
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.base + "/stats", timeout=30) as resp:  # noqa: S310

@@ -31,11 +31,13 @@ import redis
 from common import (
     BenchRedis,
     blast_publish,
+    cpu_seconds,
     free_port,
     last_values,
     machine,
     make_messages,
     pack_publishes,
+    start_service,
     wait_for,
 )
 
@@ -116,15 +118,6 @@ def scrape(port: int, name: str) -> float:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_project(
     bench: BenchRedis, messages: list[bytes], validate: bool
 ) -> tuple[float, dict[str, float]]:
@@ -132,11 +125,9 @@ def run_project(
     metrics_port = free_port()
     log_path = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / "bench-kv-updater.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
+        proc = start_service(
+            "kv_updater",
             [
-                sys.executable,
-                "-m",
-                "kv_updater",
                 "--redis-url",
                 bench.url,
                 "--metrics-port",
@@ -145,8 +136,8 @@ def run_project(
                 "127.0.0.1",
                 "--validate" if validate else "--no-validate",
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            f"http://127.0.0.1:{metrics_port}/ready",
+            log,
         )
     try:
         packed = pack_publishes(CHANNEL, messages)

@@ -7,16 +7,21 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import hiredis
 import orjson
 import redis
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -33,6 +38,47 @@ def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def start_service(
+    module: str,
+    args: Sequence[str],
+    ready_url: str,
+    output: IO[Any] | int = subprocess.DEVNULL,
+    timeout: float = 30,
+) -> subprocess.Popen[bytes]:
+    """``python -m <module> <args>`` from the project root (stdout and stderr to
+    ``output``); returns once ``ready_url`` answers 200, fails if the process exits first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=output, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{module} exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2) as resp:  # noqa: S310
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_for(ready, timeout, f"{module} {ready_url}", interval=0.05)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class BenchRedis:
