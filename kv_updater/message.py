@@ -142,6 +142,19 @@ class MessageRules:
         """The API's check before touching Redis: pattern and namespace."""
         return self._check_type(type_) is None
 
+    def type_json(self, type_: str) -> bytes | None:
+        """The JSON spelling of an allowed type name (cached); None if it is not allowed."""
+        cached = self._type_json.get(type_)
+        if cached is not None:
+            return cached
+        return None if self._check_type(type_) is not None else self._remember_type(type_)
+
+    def _remember_type(self, type_: str) -> bytes:
+        if len(self._type_json) >= self._TYPE_CACHE_MAX:
+            self._type_json.clear()
+        type_json = self._type_json[type_] = orjson.dumps(type_)
+        return type_json
+
     def parse(self, raw: bytes) -> Accepted | Rejected:
         if len(raw) > self.max_bytes:
             return Rejected("too_large", f"{len(raw)} bytes, over the {self.max_bytes} limit")
@@ -168,9 +181,7 @@ class MessageRules:
             if rejected is not None:
                 return rejected
             assert isinstance(type_, str)
-            if len(self._type_json) >= self._TYPE_CACHE_MAX:
-                self._type_json.clear()
-            type_json = self._type_json[type_] = orjson.dumps(type_)
+            type_json = self._remember_type(type_)
         updated = doc.get("updated")
         if type(updated) is not str:
             return Rejected("bad_updated", f"updated {_show(updated)} is not a date-time string")

@@ -24,8 +24,10 @@ from updater_fixtures import (
     stream_entries,
 )
 
-from kv_updater import Rejected
+from kv_updater import Accepted, Rejected
 from kv_updater.commit import BatchOutcome
+from kv_updater.keys import KeyLayout
+from kv_updater.message import MessageRules
 
 GOOD_TIME = "2023-10-01T12:00:00Z"
 TYPE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
@@ -405,3 +407,16 @@ def test_a_flood_of_junk_is_logged_in_bounded_lines_and_counted_in_full(
     texts = [rec.getMessage() for rec in caplog.records]
     assert len([t for t in texts if t.startswith("malformed message")]) == 20
     assert "480 more rejected messages not logged in the last 5 s (see the metrics)" in texts
+
+
+def test_type_json_spells_only_allowed_types_and_matches_what_parse_stores() -> None:
+    """MessageRules.type_json: the API's spelling of a type is the one the updater uses."""
+    rules = MessageRules(KeyLayout(namespace="ns:"), reserved_keys=frozenset({"dead"}))
+    assert rules.type_json('a"b') is None  # fails the pattern
+    assert rules.type_json("ns:seq") is None  # the internal namespace
+    assert rules.type_json("dead") is None  # a reserved key
+    spelled = rules.type_json("sensor:1")
+    assert spelled == b'"sensor:1"'
+    parsed = rules.parse(b'{"type":"sensor:1","updated":"2023-10-01T12:00:00Z","values":{}}')
+    assert isinstance(parsed, Accepted)
+    assert parsed.type_json is spelled  # one cache, shared with parse
