@@ -8,7 +8,8 @@ import time
 
 
 class Backoff:
-    """Delays for successive retries: full jitter over a capped exponential."""
+    """Delays for successive retries: equal jitter over a capped exponential (a random
+    delay between half the ceiling and the ceiling, so retries never bunch at zero)."""
 
     def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
         self.base = base
@@ -36,10 +37,6 @@ class Outage:
         self.what = what
         self.down_since: float | None = None
         self.outages = 0
-
-    @property
-    def is_down(self) -> bool:
-        return self.down_since is not None
 
     def failed(self, cause: BaseException | str) -> None:
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
