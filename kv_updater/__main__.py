@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from kv_updater.eventloop import new_event_loop
 from kv_updater.logs import setup_logging
 from kv_updater.service import KVUpdater
-from kv_updater.settings import EXIT_BAD_SETTING, SettingsError, UpdaterSettings, load_or_exit
+from kv_updater.settings import SettingsError, UpdaterSettings, exit_bad_setting, load_or_exit
 
 PROG = "kv-updater"
 
@@ -41,8 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_serve(updater))
     except SettingsError as exc:  # found only at start-up, e.g. a metrics port in use
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        sys.exit(EXIT_BAD_SETTING)
+        exit_bad_setting(PROG, str(exc))
     sys.exit(0)
 
 

@@ -280,9 +280,10 @@ def load_or_exit(cls: type[S], argv: Sequence[str] | None, prog: str, descriptio
     try:
         return load_settings(cls, argv, prog, description)
     except SettingsError as exc:
-        _die(prog, str(exc))
+        exit_bad_setting(prog, str(exc))
 
 
-def _die(prog: str, message: str) -> NoReturn:
+def exit_bad_setting(prog: str, message: str) -> NoReturn:
+    """Stop start-up on a bad setting: ``prog: message`` on stderr, exit code 2."""
     print(f"{prog}: {message}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_SETTING)
