@@ -8,6 +8,7 @@ import json
 import redis
 from api_fixtures import Api, Follower, SseStream, kv_state, running_api
 from harness import Service, wait_until
+from updater_fixtures import wait_subscribed
 
 
 def _message(type_: str, n: int) -> bytes:
@@ -21,8 +22,7 @@ def test_published_updates_reach_sse_clients_through_the_updater(
     redis_url: str, r: redis.Redis
 ) -> None:
     with Service("kv_updater", ["--redis-url", redis_url]):
-        wait_until(lambda: r.pubsub_numsub("update")[0][1] >= 1, 20,
-                   message="kv_updater subscribed to update")
+        wait_subscribed(r, "update", timeout=20)
         r.publish("update", _message("chain:a", 1))
         wait_until(lambda: r.zscore("kvupdater:index", "chain:a") is not None, 10,
                    message="the first commit")

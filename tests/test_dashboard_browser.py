@@ -22,6 +22,7 @@ import orjson
 import pytest
 import redis
 from harness import ROOT, Service, free_port, wait_until
+from updater_fixtures import wait_subscribed
 
 from demo_publisher.publisher import rfc3339
 
@@ -82,8 +83,7 @@ class Chain:
         self.start_api()
         # The updater is ready once it listens on the channel.
         client = redis.Redis.from_url(redis_url)
-        wait_until(lambda: client.pubsub_numsub("update")[0][1] >= 1, 20,
-                   message="kv_updater subscribed")
+        wait_subscribed(client, "update", timeout=20)
         client.close()
 
     def start_api(self) -> None:

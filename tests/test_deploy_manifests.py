@@ -15,12 +15,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import free_port, wait_until
 
 yaml: Any = importlib.import_module("yaml")  # PyYAML, untyped
 
@@ -296,17 +296,13 @@ def test_redis_conf_loads_in_a_real_redis(tmp_path: Path) -> None:
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed")
-    import socket
-
     import redis
 
     text = by_kind("ConfigMap")["redis-config"]["data"]["redis.conf"]
     assert re.search(r"^dir /data$", text, re.M)  # the StatefulSet's volume
     conf = tmp_path / "redis.conf"
     conf.write_text(re.sub(r"^dir .*$", f"dir {tmp_path}", text, flags=re.M))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     overrides = ["--port", str(port), "--bind", "127.0.0.1"]
     proc = subprocess.Popen(
         [server, str(conf), *overrides, "--daemonize", "no"],
@@ -315,16 +311,18 @@ def test_redis_conf_loads_in_a_real_redis(tmp_path: Path) -> None:
         text=True,
     )
     client = redis.Redis(port=port, socket_timeout=2)
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"redis-server refused the config:\n{out}")
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
     try:
-        for _ in range(100):
-            if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
-                pytest.fail(f"redis-server refused the config:\n{out}")
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        wait_until(answers, 10, 0.05, message="redis-server on the ConfigMap's redis.conf")
         config = {str(k): str(v) for k, v in client.config_get("*").items()}
         assert "pubsub 268435456 134217728 60" in config["client-output-buffer-limit"]
         assert config["maxmemory-policy"] == "noeviction"
