@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,6 +38,8 @@ from api_server.settings import ApiSettings
 from api_server.sse import SERVER_SEND, FastPaths, HubEventSource
 from api_server.store import Store
 from api_server.stream import Client
+from kv_updater.logs import RateLimitedLog
+from kv_updater.message import render_event
 
 log = logging.getLogger("api_server")
 
@@ -82,26 +83,6 @@ def _rss_bytes() -> int:
         return 0
 
 
-class ErrorLog:
-    """Redis errors while serving requests: the first at once, then at most one line
-    per ``interval`` with how many were held back - an outage under load must not
-    write one ERROR per request."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last = -interval
-        self._held = 0
-
-    def error(self, what: str, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._held += 1
-            return
-        more = f" (+{self._held} more since the last report)" if self._held else ""
-        log.error("Redis error %s: %s%s", what, exc, more)
-        self._last, self._held = now, 0
-
-
 def make_redis(settings: ApiSettings) -> aioredis.Redis:
     """The read client: a bounded pool, so 10,000 streams opening at once queue for
     connections instead of opening 10,000 of them."""
@@ -133,9 +114,12 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         client_name="api-server-probe", max_connections=4,
     )
     store = Store(client, settings.layout, probe)
-    errors = ErrorLog()
+    # An outage under load must not write one ERROR per request.
+    errors = RateLimitedLog(log, burst=1, interval=10.0, what="Redis errors")
+    rules = settings.type_rules()
     hub = Hub(
         store,
+        rules,
         settings.redis_url,
         settings.stored_channel,
         max_clients=settings.max_sse_clients,
@@ -143,7 +127,6 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         flush_interval=settings.sse_flush_ms / 1000,
         stall_timeout=settings.sse_stall_timeout,
     )
-    rules = settings.type_rules()
     metrics = Metrics(hub)
 
     @asynccontextmanager
@@ -170,7 +153,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
-        errors.error(f"serving {request.url.path}", exc)
+        errors.log(logging.ERROR, "Redis error serving %s: %s", request.url.path, exc)
         return _json(503, "Redis unavailable")
 
     @app.exception_handler(Exception)
@@ -180,19 +163,20 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
 
     async def read_value(type_: str, if_none_match: str | None) -> Response:
         # The pattern and the namespace are checked before Redis is touched.
-        if not rules.type_allowed(type_):
+        type_json = rules.type_json(type_)
+        if type_json is None:
             return _json(404, "unknown key")
         try:
             stored = await store.get(type_)
         except RedisError as exc:  # answered here: the fast path has no handlers
-            errors.error(f"reading {type_!r}", exc)
+            errors.log(logging.ERROR, "Redis error reading %r: %s", type_, exc)
             return _json(503, "Redis unavailable")
         if stored is None:
             return _json(404, "unknown key")
         etag = f'"{stored.seq}"'
         if if_none_match == etag:
             return Response(status_code=304, headers={"ETag": etag})
-        body = hub.type_json.render(type_, stored.value, stored.seq)
+        body = render_event(type_json, stored.value, stored.seq)
         return Response(body, media_type="application/json", headers={"ETag": etag})
 
     def open_events(keys: list[str], last_event_id: str | None, header: str | None) -> Response:

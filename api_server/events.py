@@ -13,8 +13,6 @@ from typing import NamedTuple
 
 import orjson
 
-from kv_updater.message import render_event
-
 _HEAD = b'{"type":"'
 _SEQ = b',"seq":'
 
@@ -64,24 +62,3 @@ def parse_notification(payload: bytes) -> tuple[str, int] | None:
     if type(type_) is not str or type(seq) is not int:
         return None
     return type_, seq
-
-
-class TypeJson:
-    """JSON spellings of type names for render_event, cached (types are few)."""
-
-    __slots__ = ("_cache",)
-    MAX = 100_000
-
-    def __init__(self) -> None:
-        self._cache: dict[str, bytes] = {}
-
-    def __call__(self, type_: str) -> bytes:
-        cached = self._cache.get(type_)
-        if cached is None:
-            if len(self._cache) >= self.MAX:
-                self._cache.clear()
-            cached = self._cache[type_] = orjson.dumps(type_)
-        return cached
-
-    def render(self, type_: str, stored: bytes, seq: int) -> bytes:
-        return render_event(self(type_), stored, seq)

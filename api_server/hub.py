@@ -22,18 +22,19 @@ import logging
 import random
 from collections.abc import AsyncGenerator
 
+import orjson
 from redis.exceptions import RedisError
 
-from api_server.events import Event, TypeJson, frame, parse_notification
+from api_server.events import Event, frame, parse_notification
 from api_server.store import Store
 from api_server.stream import KEEPALIVE, Client
 from kv_updater.backoff import Backoff, Outage
 from kv_updater.logs import RateLimitedLog
-from kv_updater.subscriber import Subscription, SubscriptionLost
+from kv_updater.message import MessageRules, render_event
+from kv_updater.subscriber import CONNECTION_ERRORS, Subscription
 
 log = logging.getLogger("api_server.hub")
 
-_LOST = (OSError, RedisError, SubscriptionLost, asyncio.TimeoutError)
 TAKE_MAX = 2_000
 RETRY_FIELD = b"retry: 1000\n\n"
 """First bytes of a stream: EventSource reconnects after 1 s instead of ~3 s."""
@@ -43,6 +44,7 @@ class Hub:
     def __init__(
         self,
         store: Store,
+        rules: MessageRules,
         redis_url: str,
         channel: str,
         *,
@@ -65,7 +67,7 @@ class Hub:
         self._shared_replaced = 0
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
-        self.type_json = TypeJson()
+        self.rules = rules
         self.clients: set[Client] = set()
         """Every registered client; ``unfiltered`` and ``by_type`` route commits to them."""
         self.unfiltered: set[Client] = set()
@@ -74,7 +76,7 @@ class Hub:
         self.generation = 0
         self.last_seq = 0
         self.outage = Outage(log, "api subscription")
-        self._stall_log = RateLimitedLog(log)
+        self._stall_log = RateLimitedLog(log, what="stalled-stream closes")
         self._stopping = False
         self._sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -215,8 +217,13 @@ class Hub:
         client.drop_covered(snap.seq)
         if not snap.values:
             return b""
-        render = self.type_json.render
-        parts = [frame(s.seq, render(s.type, s.value, s.seq)) for s in snap.values]
+        type_json = self.rules.type_json
+        parts = [
+            # A type the updater indexed but this server's rules refuse (a stricter
+            # TYPE_PATTERN here) is still sent, spelled directly.
+            frame(s.seq, render_event(type_json(s.type) or orjson.dumps(s.type), s.value, s.seq))
+            for s in snap.values
+        ]
         client.last_id = snap.values[-1].seq  # all > since >= the previous last id
         self.snapshot_events += len(parts)
         self.events_sent += len(parts)
@@ -231,7 +238,7 @@ class Hub:
                     self.redis_url, self.channel, client_name="api-server", connect_timeout=5.0
                 )
             except Exception as exc:  # a bug must not end the subscription for good either
-                if not isinstance(exc, _LOST):
+                if not isinstance(exc, CONNECTION_ERRORS):
                     log.exception("subscribing failed unexpectedly")
                 self.outage.failed(exc)
                 await asyncio.sleep(backoff.next_delay())
@@ -245,7 +252,7 @@ class Hub:
             self._resync_all()
             try:
                 await self._pump(sub)
-            except _LOST as exc:
+            except CONNECTION_ERRORS as exc:
                 if not self._stopping:
                     self.outage.failed(exc)
             except Exception as exc:

@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from kv_updater.backoff import Backoff, Outage
 from kv_updater.commit import SUPERSEDED, UNCHANGED, BatchOutcome, Committer
@@ -24,13 +23,12 @@ from kv_updater.message import Accepted, MessageRules, Rejected, Severity
 from kv_updater.metrics import HealthServer, UpdaterMetrics
 from kv_updater.resp import url_of
 from kv_updater.settings import SettingsError, UpdaterSettings
-from kv_updater.subscriber import Subscription, SubscriptionLost
+from kv_updater.subscriber import CONNECTION_ERRORS, Subscription, SubscriptionLost
 
 log = logging.getLogger("kv_updater")
 
 SUMMARY_INTERVAL = 5.0
 SHUTDOWN_GRACE = 5.0
-_CONNECTION_ERRORS = (OSError, RedisError, SubscriptionLost, asyncio.TimeoutError)
 
 
 class KVUpdater:
@@ -133,7 +131,7 @@ class KVUpdater:
                     if self._carry is not None:
                         carried, self._carry = self._carry, None
                         await self._commit(*carried)
-                except _CONNECTION_ERRORS as exc:
+                except CONNECTION_ERRORS as exc:
                     self._set_ready(False)
                     outage.failed(exc)
                     await self._sleep(backoff.next_delay())
@@ -146,7 +144,7 @@ class KVUpdater:
                 )
                 try:
                     await self._consume()
-                except _CONNECTION_ERRORS as exc:
+                except CONNECTION_ERRORS as exc:
                     self._set_ready(False)
                     self.metrics.reconnects.inc()
                     outage.failed(await self._loss_cause(exc))
@@ -181,7 +179,7 @@ class KVUpdater:
     async def _server_run_id(self) -> str | None:
         try:
             info = await asyncio.wait_for(self.client.info("server"), 2.0)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             return None
         return str(info.get("run_id"))
 
@@ -216,7 +214,7 @@ class KVUpdater:
                 if in_flight is not None:
                     try:
                         await in_flight
-                    except _CONNECTION_ERRORS:
+                    except CONNECTION_ERRORS:
                         # The failed batch is carried; this one goes with it.
                         self._carry_also(accepted, rejected)
                         raise
@@ -278,7 +276,7 @@ class KVUpdater:
         started = time.perf_counter()
         try:
             outcome = await self.committer.commit(accepted, rejected)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             # Keep what is in hand: it is committed first after the reconnect.
             # A retried batch is harmless: replays of committed values change nothing.
             self._carry_also(accepted, rejected)

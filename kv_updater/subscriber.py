@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any, cast
 
 import hiredis
+from redis.exceptions import RedisError
 
 from kv_updater.resp import auth_command, connect
 
@@ -35,6 +36,10 @@ PING_DEADLINE = 5.0
 
 class SubscriptionLost(ConnectionError):
     """The connection to Redis ended (restart, network, or an output-buffer limit)."""
+
+
+CONNECTION_ERRORS = (OSError, RedisError, SubscriptionLost, asyncio.TimeoutError)
+"""What "Redis is not reachable right now" looks like to the services: retry, don't crash."""
 
 
 class _Protocol(asyncio.Protocol):
