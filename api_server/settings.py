@@ -6,8 +6,6 @@ Same precedence and error style as every service: flag > environment > config.py
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from pydantic import Field, SecretStr, field_validator
 
 from kv_updater.message import MessageRules
@@ -15,7 +13,6 @@ from kv_updater.settings import RedisLayoutSettings
 
 
 class ApiSettings(RedisLayoutSettings):
-    secret_fields: ClassVar[frozenset[str]] = frozenset({"api_token"})
 
     host: str = Field("0.0.0.0", description="address to listen on")  # noqa: S104
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")

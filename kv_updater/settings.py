@@ -19,7 +19,7 @@ import runpy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -52,7 +52,6 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     # Names of fields that hold secrets, masked when settings are logged.
-    secret_fields: ClassVar[frozenset[str]] = frozenset()
 
     redis_url: str = Field(
         "redis://localhost:6379/0",
@@ -104,8 +103,6 @@ class CommonSettings(BaseSettings):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 value = "***" if value.get_secret_value() else ""
-            elif name in self.secret_fields and value:
-                value = "***"
             elif name == "redis_url":
                 value = mask_url(value)
             shown[info.alias or name] = value  # the names users set: "validate"
@@ -256,21 +253,20 @@ def load_settings(cls: type[S], argv: Sequence[str] | None, prog: str, descripti
     try:
         return cls(**flags)
     except ValidationError as exc:
-        raise SettingsError(_one_line(exc)) from None
+        raise SettingsError(_one_line(exc, cls)) from None
     finally:
         _config_file_values.reset(token)
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, cls: type[BaseSettings]) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "settings"
     message = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    shown = (
-        ""
-        if isinstance(value, dict) or where in {"api_token", "redis_url"}
-        else f" (got {value!r})"
-    )
+    field = cls.model_fields.get(where)
+    # Never echo a secret: SecretStr fields, and the URL (it may hold a password).
+    secret = where == "redis_url" or (field is not None and field.annotation is SecretStr)
+    shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"bad setting {where}: {message}{shown}{more}"
 
