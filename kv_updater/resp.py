@@ -114,13 +114,21 @@ async def connect(
     return transport, proto, kwargs
 
 
-def auth_command(kwargs: dict[str, Any]) -> tuple[str, ...] | None:
-    """The AUTH a URL's settings ask for, or None."""
+def handshake(
+    kwargs: dict[str, Any], client_name: str, *, select_db: bool
+) -> list[tuple[str, ...]]:
+    """The commands that open a connection for a URL's settings: AUTH when it has a
+    password, SELECT of its database (not for pub/sub, which ignores databases),
+    CLIENT SETNAME."""
+    commands: list[tuple[str, ...]] = []
     password = kwargs.get("password")
-    if password is None:
-        return None
-    username = kwargs.get("username")
-    return ("AUTH", username, password) if username else ("AUTH", password)
+    if password is not None:
+        username = kwargs.get("username")
+        commands.append(("AUTH", username, password) if username else ("AUTH", password))
+    if select_db and kwargs.get("db"):
+        commands.append(("SELECT", str(kwargs["db"])))
+    commands.append(("CLIENT", "SETNAME", client_name))
+    return commands
 
 
 def reply_error(reply: hiredis.ReplyError) -> ResponseError:
@@ -241,17 +249,11 @@ class RespLink:
         transport, proto, kwargs = await connect(self.url, _Replies, self.connect_timeout)
         self._transport, self._proto = transport, proto
         try:
-            handshake: list[tuple[str, ...]] = []
-            auth = auth_command(kwargs)
-            if auth is not None:
-                handshake.append(auth)
-            if kwargs.get("db"):
-                handshake.append(("SELECT", str(kwargs["db"])))
-            handshake.append(("CLIENT", "SETNAME", self.client_name))
-            packed = b"".join(hiredis.pack_command(c) for c in handshake)  # type: ignore[arg-type]
+            commands = handshake(kwargs, self.client_name, select_db=True)
+            packed = b"".join(hiredis.pack_command(c) for c in commands)  # type: ignore[arg-type]
             async with asyncio.timeout(self.connect_timeout):
-                replies = await self._exchange(proto, packed, len(handshake))
-            for command, reply in zip(handshake, replies, strict=True):
+                replies = await self._exchange(proto, packed, len(commands))
+            for command, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, Exception):
                     raise RedisConnectionError(f"{command[0]} failed: {reply}")
         except BaseException:

@@ -25,7 +25,7 @@ from typing import Any, cast
 import hiredis
 from redis.exceptions import RedisError
 
-from kv_updater.resp import auth_command, connect
+from kv_updater.resp import connect, handshake
 
 FEED_PIECE = 16_384
 IDLE_PING = 10.0
@@ -87,10 +87,8 @@ class Subscription:
         _, proto, kwargs = await connect(url, _Protocol, connect_timeout)
         sub = cls(proto, hiredis.Reader(), channel)
         try:
-            auth = auth_command(kwargs)
-            if auth is not None:
-                await asyncio.wait_for(sub._call(*auth), connect_timeout)
-            await asyncio.wait_for(sub._call("CLIENT", "SETNAME", client_name), connect_timeout)
+            for command in handshake(kwargs, client_name, select_db=False):
+                await asyncio.wait_for(sub._call(*command), connect_timeout)
             reply = await asyncio.wait_for(sub._call("SUBSCRIBE", channel), connect_timeout)
             if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
                 raise SubscriptionLost(f"unexpected reply to SUBSCRIBE: {reply!r}")
