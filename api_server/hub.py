@@ -290,13 +290,15 @@ class Hub:
                 )
                 self._resync_all()
             self.last_seq = seq
+            group = by_type.get(type_)
+            if not (unfiltered or group):
+                continue  # nobody follows this key: not even framed
             event = Event(type_, seq, frame(seq, payload))
             if unfiltered:
                 # Offered to the unfiltered clients at the flush (see _flush).
                 if shared.pop(type_, None) is not None:
                     self._shared_replaced += 1
                 shared[type_] = event
-            group = by_type.get(type_)
             if group:
                 for client in group:
                     conflated += client.offer(event, dirty)
