@@ -4,8 +4,8 @@
 disconnect watch) under an anyio task group; measured on uvicorn that is ~37 KB of
 server memory per idle client behind a FastAPI route, against ~9 KB for a bare
 ASGI stream.  DESIGN.md allows 20 KB per idle client at 10,000 clients, so this
-subclass keeps sse-starlette's headers and HEAD handling but streams with one
-extra task only:
+subclass keeps sse-starlette's headers (the route is GET only: HEAD is 405) but
+streams with one extra task only:
 
 - the body is written from the request's own task;
 - keep-alives come from the hub (one timer for all clients), not a task each;
@@ -73,10 +73,6 @@ class HubEventSource(EventSourceResponse):
         self.client = client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("method") == "HEAD":
-            self.hub.unregister(self.client)
-            await super().__call__(scope, receive, send)  # headers only, no stream
-            return
         client = self.client
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
