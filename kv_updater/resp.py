@@ -229,8 +229,16 @@ class RespLink:
 
     async def _exchange(self, proto: _Replies, packed: bytes, count: int) -> list[Any]:
         proto.wanted = count
-        assert self._transport is not None
-        self._transport.write(packed)
+        transport = self._transport
+        assert transport is not None
+        # The peer may have hung up between connect and this write (a Redis shutting
+        # down for a restart accepts, then closes): uvloop raises RuntimeError on a
+        # write to a closed transport, which must read as the connection error it is.
+        if proto.lost is not None:
+            raise proto.lost
+        if transport.is_closing():
+            raise RedisConnectionError("connection to Redis closed before the request")
+        transport.write(packed)
         if len(proto.replies) < count and proto.lost is None:
             proto.waiter = asyncio.get_running_loop().create_future()
             try:

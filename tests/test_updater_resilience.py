@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -10,12 +11,15 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
+import hiredis
 import orjson
 import pytest
 import redis
+import uvloop
 from harness import RedisServer, free_port, wait_until
+from redis.exceptions import ConnectionError as RedisConnectionError
 from updater_fixtures import (
     InProcessUpdater,
     RedisProxy,
@@ -33,7 +37,7 @@ from updater_fixtures import (
     wait_subscribed,
 )
 
-from kv_updater import subscriber
+from kv_updater import resp, subscriber
 
 BASE = datetime(2023, 10, 1, 12, 0, tzinfo=UTC)
 
@@ -321,3 +325,41 @@ def test_a_silent_network_is_noticed_by_an_idle_ping_and_the_updater_recovers(
               if rec.name == "kv_updater" and rec.levelno == logging.ERROR]
     assert errors, caplog.text
     assert "no answer to PING" in errors[0], errors
+
+
+def test_a_commit_link_whose_peer_hung_up_after_connect_raises_a_connection_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (seen in CI while Redis restarted): a Redis shutting down accepted
+    the commit link's connection and closed it before the handshake was written.
+    uvloop raises RuntimeError on a write to a closed transport, which no caller's
+    retry expects: demo_publisher ended with a traceback.  The write must raise the
+    ConnectionError that callers back off on.  ``connect`` is wrapped only to make
+    the race certain: it returns once the hang-up has reached the protocol."""
+    real_connect = resp.connect
+
+    async def connect_then_hang_up(url: str, protocol: Any, seconds: float) -> Any:
+        transport, proto, kwargs = await real_connect(url, protocol, seconds)
+        deadline = asyncio.get_running_loop().time() + 5
+        while proto.lost is None:
+            assert asyncio.get_running_loop().time() < deadline, "the hang-up never came"
+            await asyncio.sleep(0.01)
+        return transport, proto, kwargs
+
+    monkeypatch.setattr(resp, "connect", connect_then_hang_up)
+
+    async def scenario() -> None:
+        class HangUp(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                transport.close()
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(HangUp, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        link = resp.RespLink(f"redis://127.0.0.1:{port}/0", client_name="t", timeout=5)
+        with pytest.raises(RedisConnectionError, match="lost"):
+            await link.request(hiredis.pack_command(("PING",)), 1)
+        assert not link.connected
+        server.close()
+
+    uvloop.run(scenario())
