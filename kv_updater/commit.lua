@@ -19,12 +19,29 @@
 local channel = ARGV[1]
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 local mset, hset, zadd, notes, result = {}, {}, {}, {}, {}
+local count = #KEYS - 3
 
-for i = 1, #KEYS - 3 do
+-- unpack() is bounded by Lua's C stack: send long argument lists in chunks.
+local step = 4000
+
+-- Every message's current instant in one HMGET per chunk, not one HGET each.
+local types = {}
+for i = 1, count do
+  types[i] = ARGV[2 + (i - 1) * 4]
+end
+local olds = {}
+for s = 1, count, step do
+  local got = redis.call('HMGET', KEYS[3], unpack(types, s, math.min(s + step - 1, count)))
+  for j = 1, #got do
+    olds[s + j - 1] = got[j]
+  end
+end
+
+for i = 1, count do
   local a = 2 + (i - 1) * 4
   local typ, instant, value = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local key = KEYS[3 + i]
-  local old = redis.call('HGET', KEYS[3], typ)
+  local old = olds[i]
   -- pcall: a key planted with another Redis type must not abort the batch
   if old and instant < old then
     result[i] = -1
@@ -44,9 +61,7 @@ for i = 1, #KEYS - 3 do
   end
 end
 
--- unpack() is bounded by Lua's C stack: send long argument lists in chunks.
 local function call_chunked(cmd, key, args)
-  local step = 4000
   for s = 1, #args, step do
     local e = math.min(s + step - 1, #args)
     if key then

@@ -53,6 +53,8 @@ class BatchOutcome:
     unchanged: int = 0
     stale: int = 0
     validated: int = 0
+    dead_lettered: int = 0
+    """Rejected messages written to the dead-letter stream."""
     mismatches: list[str] = field(default_factory=list)
     """Types whose read-back held neither what was written nor a newer commit."""
 
@@ -98,7 +100,7 @@ class Committer:
                 for item in await self._pipeline(self._dead_letter_commands(dead)):
                     if isinstance(item, Exception):
                         raise item
-            return BatchOutcome([])
+            return BatchOutcome([], dead_lettered=len(dead))
         encoded: dict[int, bytes] = {}
         winners = _winners(batch, encoded)
         commit, data_keys, written = self._commit_command(batch, winners, encoded)
@@ -116,9 +118,11 @@ class Committer:
             if isinstance(item, Exception):
                 raise item
         statuses = _statuses(batch, winners, results[0])
-        return self._outcome(
+        outcome = self._outcome(
             batch, winners, statuses, written, results[-2:] if self.validate else None
         )
+        outcome.dead_lettered = len(dead)
+        return outcome
 
     def _commit_command(
         self, batch: list[Accepted], winners: dict[str, int], encoded: dict[int, bytes]

@@ -9,6 +9,7 @@ trip; under a burst batches grow by themselves and throughput follows.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -251,8 +252,15 @@ class KVUpdater:
                 assert isinstance(result, Rejected)
                 rejected.append((result, raw))
         self.metrics.received.inc(len(payloads))
+        if rejected:
+            self._count_rejections(rejected)
+        return accepted, rejected
+
+    def _count_rejections(self, rejected: list[tuple[Rejected, bytes]]) -> None:
+        """Count and log rejections: one counter update per reason, logs rate-limited."""
+        for reason, n in collections.Counter(r.reason for r, _ in rejected).items():
+            self.metrics.rejected.labels(reason).inc(n)
         for rejection, raw in rejected:
-            self.metrics.rejected.labels(rejection.reason).inc()
             if rejection.severity is Severity.UNDECODABLE:
                 self._rejections.log(
                     logging.ERROR,
@@ -268,7 +276,6 @@ class KVUpdater:
                     rejection.reason,
                     rejection.detail,
                 )
-        return accepted, rejected
 
     async def _commit(
         self, accepted: list[Accepted], rejected: list[tuple[Rejected, bytes]]
@@ -286,19 +293,26 @@ class KVUpdater:
         m.commit_seconds.observe(time.perf_counter() - started)
         if accepted:
             m.batch_size.observe(len(accepted))
-        m.committed.inc(outcome.committed)
-        m.stale.inc(outcome.stale)
-        m.unchanged.inc(outcome.unchanged)
-        m.superseded.inc(outcome.superseded)
-        if rejected and self.settings.dead_letter:
-            m.dead_lettered.inc(len(rejected))
+        # Each Counter.inc takes a lock: at one commit per message (low rates) the
+        # zero increments were a measurable share of the commit's own Python time.
+        if outcome.committed:
+            m.committed.inc(outcome.committed)
+        if outcome.stale:
+            m.stale.inc(outcome.stale)
+        if outcome.unchanged:
+            m.unchanged.inc(outcome.unchanged)
+        if outcome.superseded:
+            m.superseded.inc(outcome.superseded)
+        if outcome.dead_lettered:
+            m.dead_lettered.inc(outcome.dead_lettered)
         if outcome.mismatches:
             m.validation_failures.inc(len(outcome.mismatches))
             for type_ in outcome.mismatches:
                 self._mismatch_log.log(
                     logging.ERROR, "validation failed: key %r does not hold what was written", type_
                 )
-        m.validated.inc(outcome.validated)
+        if outcome.validated:
+            m.validated.inc(outcome.validated)
         if log.isEnabledFor(logging.DEBUG):
             for msg, status in zip(accepted, outcome.statuses, strict=True):
                 if status > 0:

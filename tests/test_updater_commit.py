@@ -300,6 +300,11 @@ def test_a_batch_wider_than_luas_unpack_limit_commits_every_key(
     assert len(data_keys(r)) == 9000
     assert r.get("wide8999") == stored_of("2023-10-01T12:00:00Z", {"i": 8999})
     check_commit_bookkeeping(r, notes)
+    # The stored instants are read in chunks too: each message of a replay must be
+    # matched with its own key's instant, on both sides of a chunk's edge.
+    older = [message(f"wide{i}", updated="2023-10-01T11:00:00Z") for i in range(3990, 4010)]
+    replay = persist.commit(batch[:3990] + older + batch[4010:])
+    assert (replay.unchanged, replay.stale, replay.committed) == (8980, 20, 0)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
