@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -100,9 +101,34 @@ def route_of(scope: Scope) -> str:
 
 
 class RequestMetrics:
+    """Counts every HTTP request by route, method and status, and times it to its
+    response headers.
+
+    The labelled children are kept in dicts: ``labels()`` costs more than the
+    increment itself (it builds and checks the label tuple under a lock), and on
+    the read path it was about 7% of the server's CPU.  The label sets stay small:
+    routes are the app's own (or "unmatched"), methods are the ones the HTTP
+    parser knows, statuses are the app's.
+    """
+
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._latency: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, int], Any] = {}
+
+    def _observe(self, route: str, seconds: float) -> None:
+        child = self._latency.get(route)
+        if child is None:
+            child = self._latency[route] = self.metrics.latency.labels(route)
+        child.observe(seconds)
+
+    def _count(self, route: str, method: str, status: int) -> None:
+        key = (route, method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.metrics.requests.labels(route, method, str(status))
+        child.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,16 +136,15 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500
-        latency = self.metrics.latency
 
         async def send_counted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                latency.labels(route_of(scope)).observe(time.perf_counter() - start)
+                self._observe(route_of(scope), time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, send_counted)
         finally:
-            self.metrics.requests.labels(route_of(scope), scope["method"], str(status)).inc()
+            self._count(route_of(scope), scope["method"], status)
