@@ -113,7 +113,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
         settings.redis_url, socket_timeout=READY_TIMEOUT, socket_connect_timeout=READY_TIMEOUT,
         client_name="api-server-probe", max_connections=4,
     )
-    store = Store(client, settings.layout, probe)
+    store = Store(client, settings.layout, probe, url=settings.redis_url)
     # An outage under load must not write one ERROR per request.
     errors = RateLimitedLog(log, burst=1, interval=10.0, what="Redis errors")
     rules = settings.type_rules()
@@ -139,6 +139,7 @@ def create_app(settings: ApiSettings, static_dir: Path = STATIC_DIR) -> FastAPI:
             yield
         finally:
             await hub.stop()
+            store.close()
             await client.aclose()
             await probe.aclose()
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import redis
 from api_fixtures import LAYOUT, commit_sync, running_api
+from harness import wait_until
 
 from api_server.app import STATIC_DIR as STATIC
 from kv_updater.settings import EXIT_BAD_SETTING
@@ -112,6 +113,23 @@ def test_redis_errors_answer_json_without_a_trace(own_redis: object) -> None:
         assert resp.json() == {"detail": "Redis unavailable"}
         assert "Traceback" not in resp.text
         assert api.get("/ready").status_code == 503
+        # Back again (empty: no persistence): reads reconnect on their own.
+        server.start()  # type: ignore[attr-defined]
+        commit_sync(url, ["a"])
+        wait_until(lambda: api.get("/keys/a").status_code == 200, 10,
+                   message="reads to work again after the restart")
+
+
+def test_reads_survive_redis_losing_its_script_cache(redis_url: str, r: redis.Redis) -> None:
+    """The read script is loaded again after SCRIPT FLUSH (what a failover to a
+    replica, or a restart, does to the script cache): no 500, no 503."""
+    commit_sync(redis_url, ["a"])
+    with running_api(redis_url) as api:
+        assert api.get("/keys/a").status_code == 200
+        r.script_flush()
+        resp = api.get("/keys/a")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["type"] == "a"
 
 
 @pytest.mark.parametrize(
