@@ -10,7 +10,8 @@
 # else /live on $PORT (the api-server). The demo publisher has no HTTP port:
 # run it with --no-healthcheck (compose: healthcheck: disable: true).
 #
-# Dependencies come from the package index pip is given (PyPI by default;
+# Dependencies come, at the versions in constraints.txt (the set the test suite
+# passed with), from the package index pip is given (PyPI by default;
 # --build-arg PIP_INDEX_URL=... for a mirror). For an offline build, put wheels
 # of every dependency in build/docker-wheels/ (bash deploy/docker-wheels.sh) and
 # pass --build-arg PIP_NO_INDEX=1: pip then installs from that folder only.
@@ -29,7 +30,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 COPY . /src
-RUN /opt/venv/bin/pip install --no-cache-dir /src \
+RUN /opt/venv/bin/pip install --no-cache-dir --constraint /src/constraints.txt /src \
     && /opt/venv/bin/python -c "import kv_updater, api_server, demo_publisher" \
     && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools wheel \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib

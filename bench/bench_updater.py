@@ -47,9 +47,9 @@ CHANNEL = "update"
 def naive_updater(port: int, channel: str) -> None:
     """The seed, literally: subscribe; per message parse, SET, GET back and compare."""
     client = redis.Redis(port=port)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
     pubsub.subscribe(channel)
-    for message in pubsub.listen():
+    for message in pubsub.listen():  # type: ignore[no-untyped-call, unused-ignore]
         data = json.loads(message["data"])
         value = json.dumps(
             {"updated": data["updated"], "valid": data.get("valid"), "values": data["values"]},

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Gather, into build/docker-wheels/, the wheels of the project and of every
-# dependency for the Python of the image's base, so that the image builds with
+# dependency (at the versions in constraints.txt) for the Python of the image's
+# base, so that the image builds with
 # no network at all:
 #
 #   bash deploy/docker-wheels.sh [BASE_IMAGE]          # default python:3.12-slim
@@ -61,8 +62,10 @@ done < <(
     | grep -oE "(file://)?/[^' ,\"]+" | sed 's|^file://||' | sort -u)
 
 docker run --rm --pull never --network host "${MOUNTS[@]}" "${ENVS[@]}" \
-  -e PIP_DISABLE_PIP_VERSION_CHECK=1 -e PIP_ROOT_USER_ACTION=ignore -v "$WHEELS:/wheels" "$BASE_IMAGE" \
-  sh -c "python3 -m pip wheel --wheel-dir /wheels /wheels/redis_first_chain-*.whl 'setuptools>=68' wheel \
+  -e PIP_DISABLE_PIP_VERSION_CHECK=1 -e PIP_ROOT_USER_ACTION=ignore -v "$WHEELS:/wheels" \
+  -v "$ROOT/constraints.txt:/constraints.txt:ro" "$BASE_IMAGE" \
+  sh -c "python3 -m pip wheel --constraint /constraints.txt --wheel-dir /wheels \
+         /wheels/redis_first_chain-*.whl 'setuptools>=68' wheel \
          && chown -R $(id -u):$(id -g) /wheels" >>"$LOG" 2>&1 \
   || { tail -30 "$LOG" >&2; fail "the image's pip could not gather the wheels"; }
 say "$(find "$WHEELS" -name '*.whl' | wc -l) wheels in build/docker-wheels for $BASE_IMAGE (log: build/docker-wheels.log)"

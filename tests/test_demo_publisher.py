@@ -142,7 +142,7 @@ def collect(pubsub: redis.client.PubSub, n: int, timeout: float) -> list[dict[st
 
 
 def subscribed(r: redis.Redis, channel: str = "update") -> redis.client.PubSub:
-    pubsub: redis.client.PubSub = r.pubsub()  # type: ignore[no-untyped-call]
+    pubsub: redis.client.PubSub = r.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
     pubsub.subscribe(channel)
     wait_until(lambda: pubsub.get_message(timeout=0.1), 5, message="subscription")
     return pubsub

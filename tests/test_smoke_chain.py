@@ -27,7 +27,7 @@ pytestmark = pytest.mark.smoke
 def test_seed_message_is_stored_as_the_seed_says(redis_url: str, r: redis.Redis) -> None:
     with Service("kv_updater", ["--redis-url", redis_url]) as updater:
         updater.wait_log("subscribed to 'update'")
-        notes = r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        notes = r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
         notes.subscribe("update:stored")
         wait_until(lambda: r.publish("update", SEED_MESSAGE) == 1, message="the updater subscribed")
         wait_until(lambda: r.get("key"), message="the key to be stored")

@@ -205,7 +205,7 @@ class Listener:
     """Collects every payload published on a channel, from a thread of its own."""
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
-        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         self.pubsub.subscribe(channel)
         wait_until(self._confirmed, 10, message=f"subscription to {channel}")
         self.payloads: list[bytes] = []
