@@ -23,6 +23,7 @@ commands in order, so the read-back sees the state right after the commit.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ STALE = -1
 UNCHANGED = 0
 SUPERSEDED = -2
 DEAD_LETTER_PAYLOAD_MAX = 65_536
+DRAIN_EVERY = 1_000
+"""Messages handled between two turns of the event loop, when a batch is parsed
+(kv_updater.service) and when its commit is built: the subscription's socket is
+only read between turns."""
 
 
 @dataclass(slots=True)
@@ -89,9 +94,17 @@ class Committer:
         self._sha = str(await self.client.script_load(COMMIT_LUA))
 
     async def commit(
-        self, batch: list[Accepted], rejected: list[tuple[Rejected, bytes]] | None = None
+        self,
+        batch: list[Accepted],
+        rejected: list[tuple[Rejected, bytes]] | None = None,
+        *,
+        sent: asyncio.Future[None] | None = None,
     ) -> BatchOutcome:
-        """Commit ``batch`` atomically, keep ``rejected`` in the dead-letter stream."""
+        """Commit ``batch`` atomically, keep ``rejected`` in the dead-letter stream.
+
+        ``sent`` is resolved as the request goes out, before its replies are awaited:
+        the updater parses the next batch while Redis runs this one.
+        """
         if self._sha is None:
             await self.load_script()
         dead = rejected if (rejected and self.dead_letter) else []
@@ -103,10 +116,12 @@ class Committer:
             return BatchOutcome([], dead_lettered=len(dead))
         encoded: dict[int, bytes] = {}
         winners = _winners(batch, encoded)
-        commit, data_keys, written = self._commit_command(batch, winners, encoded)
-        reads: list[Sequence[str | bytes]] = []
+        commit, data_keys, written = await self._commit_command(batch, winners, encoded)
+        reads: list[Sequence[str | bytes] | bytes] = []
         if self.validate:
             reads = [("MGET", *data_keys), ("ZMSCORE", self.layout.index, *winners)]
+        if sent is not None and not sent.done():
+            sent.set_result(None)  # the write below happens before the next loop turn
         results = await self._pipeline([commit, *self._dead_letter_commands(dead), *reads])
         if isinstance(results[0], NoScriptError):
             # Redis lost its script cache (SCRIPT FLUSH, failover): load and redo the
@@ -124,33 +139,50 @@ class Committer:
         outcome.dead_lettered = len(dead)
         return outcome
 
-    def _commit_command(
+    async def _commit_command(
         self, batch: list[Accepted], winners: dict[str, int], encoded: dict[int, bytes]
-    ) -> tuple[tuple[str | bytes, ...], list[str], list[bytes]]:
-        """The EVALSHA of the winners, their data keys, and the stored value of each.
+    ) -> tuple[bytes, list[str], list[bytes]]:
+        """The packed EVALSHA of the winners, their data keys, and the stored value of each.
 
         ``encoded``: stored values _winners already encoded, by position.  The
         read-back compares against those values instead of encoding them again.
+
+        Built and packed ``DRAIN_EVERY`` winners at a time, with a turn of the event
+        loop in between: a 10,000-key commit is tens of milliseconds of Python, and
+        the subscription's socket is only read between turns (kv_updater.service).
         """
         layout = self.layout
         data_key = layout.data_key
         data_keys: list[str] = []
-        args: list[str | bytes] = [self.stored_channel]
         written: list[bytes] = []
+        packed_args: list[bytes] = []
+        args: list[str | bytes] = [self.stored_channel]
         for position in winners.values():
             msg = batch[position]
             stored = encoded.get(position) or msg.stored
             written.append(stored)
             data_keys.append(data_key(msg.type))
             args += (msg.type, msg.instant, stored, msg.type_json)
+            if len(args) >= 4 * DRAIN_EVERY:
+                packed_args.append(_bulks(args))
+                args = []
+                await asyncio.sleep(0)
+        if args:
+            packed_args.append(_bulks(args))
         assert self._sha is not None
         keys = (layout.seq, layout.index, layout.instants, *data_keys)
-        return ("EVALSHA", self._sha, str(len(keys)), *keys, *args), data_keys, written
+        head = ("EVALSHA", self._sha, str(len(keys)), *keys)
+        # One RESP array: its length, then the bulk strings packed piece by piece.
+        size = len(head) + 1 + 4 * len(winners)
+        command = b"*%d\r\n%b%b" % (size, _bulks(head), b"".join(packed_args))
+        return command, data_keys, written
 
-    async def _pipeline(self, commands: list[Sequence[str | bytes]]) -> list[Any]:
-        """Send ``commands`` in one write, return their replies (errors as exceptions)."""
+    async def _pipeline(self, commands: Sequence[Sequence[str | bytes] | bytes]) -> list[Any]:
+        """Send ``commands`` (packed already or not) in one write, return their replies
+        (errors as exceptions)."""
         return await self._link.request(
-            b"".join(_pack(tuple(c)) for c in commands), len(commands)
+            b"".join(c if type(c) is bytes else _pack(tuple(c)) for c in commands),
+            len(commands),
         )
 
     @property
@@ -227,6 +259,12 @@ class Committer:
 
 # hiredis's C packer; its stub types the argument as a 1-tuple, hence Any.
 _pack: Any = hiredis.pack_command
+
+
+def _bulks(args: Sequence[str | bytes]) -> bytes:
+    """``args`` as RESP bulk strings, without the array header ``pack_command`` puts first."""
+    packed: bytes = _pack(tuple(args))
+    return packed[packed.index(b"\r\n") + 2 :]
 
 
 def _winners(batch: list[Accepted], encoded: dict[int, bytes]) -> dict[str, int]:

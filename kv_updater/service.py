@@ -13,12 +13,13 @@ import collections
 import contextlib
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from kv_updater.backoff import Backoff, Outage
-from kv_updater.commit import SUPERSEDED, UNCHANGED, BatchOutcome, Committer
+from kv_updater.commit import DRAIN_EVERY, SUPERSEDED, UNCHANGED, BatchOutcome, Committer
 from kv_updater.logs import RateLimitedLog
 from kv_updater.message import Accepted, MessageRules, Rejected, Severity
 from kv_updater.metrics import HealthServer, UpdaterMetrics
@@ -211,7 +212,7 @@ class KVUpdater:
                 self.metrics.backlog_bytes.set(sub.backlog_bytes)
                 if not payloads:
                     continue
-                accepted, rejected = self._parse(payloads)
+                accepted, rejected = await self._parse_draining(payloads)
                 if in_flight is not None:
                     try:
                         await in_flight
@@ -221,12 +222,14 @@ class KVUpdater:
                         raise
                     finally:
                         in_flight = None
-                # Commit in the background: the next batch is parsed meanwhile.
-                in_flight = asyncio.create_task(self._commit(accepted, rejected))
-                # Let it send its request now: take() returns without yielding when
-                # messages are in hand, so otherwise the commit would only go out
-                # after the next batch is parsed, and Redis would idle meanwhile.
-                await asyncio.sleep(0)
+                # Commit in the background: the next batch is parsed meanwhile.  But
+                # only once its request is out: building it takes turns of the loop
+                # (Committer._commit_command), and interleaved with the next parse
+                # it would reach Redis later, and Redis would idle meanwhile.
+                sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                in_flight = asyncio.create_task(self._commit(accepted, rejected, sent))
+                in_flight.add_done_callback(partial(_resolve, sent))  # failed before sending
+                await sent
         finally:
             if in_flight is not None:
                 await in_flight
@@ -239,6 +242,31 @@ class KVUpdater:
         else:
             self._carry[0].extend(accepted)
             self._carry[1].extend(rejected)
+
+    async def _parse_draining(
+        self, payloads: list[bytes]
+    ) -> tuple[list[Accepted], list[tuple[Rejected, bytes]]]:
+        """``_parse``, handing the event loop a turn every ``DRAIN_EVERY`` messages.
+
+        The subscription's socket is only read between loop turns.  A batch takes
+        up to ~120 ms to parse (10,000 messages of distinct keys); a burst published
+        meanwhile piles up in Redis's output buffer for the subscriber, and past its
+        client-output-buffer-limit (32 MB by default) Redis drops the subscriber and
+        the rest of the burst is lost.  One turn reads up to megabytes (libuv reads
+        until the socket is empty, 32 reads of 256 KiB at most), so a turn every
+        ~10 ms keeps the burst in our memory instead of Redis's.
+        """
+        if len(payloads) <= DRAIN_EVERY:
+            return self._parse(payloads)
+        accepted: list[Accepted] = []
+        rejected: list[tuple[Rejected, bytes]] = []
+        for start in range(0, len(payloads), DRAIN_EVERY):
+            if start:
+                await asyncio.sleep(0)
+            more_accepted, more_rejected = self._parse(payloads[start : start + DRAIN_EVERY])
+            accepted += more_accepted
+            rejected += more_rejected
+        return accepted, rejected
 
     def _parse(self, payloads: list[bytes]) -> tuple[list[Accepted], list[tuple[Rejected, bytes]]]:
         parse = self.rules.parse
@@ -278,11 +306,14 @@ class KVUpdater:
                 )
 
     async def _commit(
-        self, accepted: list[Accepted], rejected: list[tuple[Rejected, bytes]]
+        self,
+        accepted: list[Accepted],
+        rejected: list[tuple[Rejected, bytes]],
+        sent: asyncio.Future[None] | None = None,
     ) -> BatchOutcome:
         started = time.perf_counter()
         try:
-            outcome = await self.committer.commit(accepted, rejected)
+            outcome = await self.committer.commit(accepted, rejected, sent=sent)
         except CONNECTION_ERRORS:
             # Keep what is in hand: it is committed first after the reconnect.
             # A retried batch is harmless: replays of committed values change nothing.
@@ -371,3 +402,8 @@ def _unsubscribe(sub: Subscription) -> None:
     sub.unsubscribe()
     with contextlib.suppress(RuntimeError):  # no running loop: run() is not running
         asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, sub.abandon)
+
+
+def _resolve(future: asyncio.Future[None], _: object = None) -> None:
+    if not future.done():
+        future.set_result(None)

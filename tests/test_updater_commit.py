@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
+import hiredis
 import orjson
 import pytest
 import redis
@@ -33,8 +35,9 @@ from updater_fixtures import (
 )
 
 from kv_updater import Accepted, Rejected, render_event
-from kv_updater.commit import STALE, UNCHANGED
+from kv_updater.commit import STALE, UNCHANGED, _winners
 
+T = TypeVar("T")
 FEW = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -305,6 +308,66 @@ def test_a_batch_wider_than_luas_unpack_limit_commits_every_key(
     older = [message(f"wide{i}", updated="2023-10-01T11:00:00Z") for i in range(3990, 4010)]
     replay = persist.commit(batch[:3990] + older + batch[4010:])
     assert (replay.unchanged, replay.stale, replay.committed) == (8980, 20, 0)
+
+
+async def _turns_during(work: Awaitable[T]) -> tuple[T, int]:
+    """``work``'s result, and how many turns the event loop took while it ran."""
+    turns = 0
+    done = False
+
+    async def count() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count())
+    await asyncio.sleep(0)
+    start = turns
+    try:
+        result = await work
+    finally:
+        done = True
+        await counter
+    return result, turns - start
+
+
+def test_building_a_wide_commit_lets_the_subscription_be_read(persist: Persister) -> None:
+    """Regression: a 10,000-key commit was built and packed without one turn of the
+    event loop (tens of milliseconds); a burst published meanwhile piled up in Redis's
+    output buffer for the subscriber until Redis dropped it, and the rest was lost."""
+    committer = persist.updater.committer
+    batch = [persist.updater.rules.parse(message(f"wide{i}", values={"i": i})) for i in range(4500)]
+    assert all(isinstance(m, Accepted) for m in batch)
+    accepted = [m for m in batch if isinstance(m, Accepted)]
+    encoded: dict[int, bytes] = {}
+    winners = _winners(accepted, encoded)
+    persist.runner.run(committer.load_script())
+    (command, data_keys_, written), turns = persist.runner.run(
+        _turns_during(committer._commit_command(accepted, winners, encoded))
+    )
+    assert turns >= 4  # at least one every ~1,000 messages (DRAIN_EVERY)
+    # Packed piece by piece, it is still exactly the one command pack_command makes.
+    args: list[str | bytes] = [committer.stored_channel]
+    for m in accepted:
+        args += (m.type, m.instant, m.stored, m.type_json)
+    keys = (committer.layout.seq, committer.layout.index, committer.layout.instants, *data_keys_)
+    assert committer._sha is not None
+    whole = ("EVALSHA", committer._sha, str(len(keys)), *keys, *args)
+    assert command == hiredis.pack_command(whole)  # type: ignore[arg-type]
+    assert written == [m.stored for m in accepted]
+
+
+def test_parsing_a_wide_batch_lets_the_subscription_be_read(persist: Persister) -> None:
+    """Regression: 10,000 messages were parsed without a turn of the event loop (up to
+    ~120 ms), with the same outcome as above: the subscriber dropped mid-burst."""
+    payloads = [message(f"k{i}") for i in range(4500)] + [b"junk"]
+    (accepted, rejected), turns = persist.runner.run(
+        _turns_during(persist.updater._parse_draining(payloads))
+    )
+    assert turns >= 4  # at least one every ~1,000 messages (DRAIN_EVERY)
+    assert [m.type for m in accepted] == [f"k{i}" for i in range(4500)]
+    assert [raw for _, raw in rejected] == [b"junk"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
