@@ -16,6 +16,7 @@ dropped by Redis.  Usage: python bench/bench_updater.py [--messages N] [--keys K
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -37,6 +39,7 @@ from common import (
     machine,
     make_messages,
     pack_publishes,
+    peak_rss_mb,
     start_service,
     wait_for,
 )
@@ -109,6 +112,37 @@ def run_naive(bench: BenchRedis, messages: list[bytes]) -> float:
         proc.wait()
 
 
+class PeakOutputBuffer:
+    """The largest output buffer Redis held for a pub/sub client while running:
+    how close a burst came to ``client-output-buffer-limit pubsub`` (32 MB hard by
+    default), past which Redis drops the subscriber.  Sampled every 20 ms."""
+
+    def __init__(self, port: int) -> None:
+        self.client = redis.Redis(port=port)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for entry in self.client.client_list(_type="pubsub"):
+                self.peak = max(self.peak, int(entry["omem"]))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakOutputBuffer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+
+def dropped(port: int) -> bool:
+    return scrape(port, "kvupdater_reconnects_total") > 0
+
+
 def scrape(port: int, name: str) -> float:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     total = 0.0
@@ -144,10 +178,20 @@ def run_project(
         wait_subscribed(bench.client, CHANNEL)
         cpu_before = cpu_seconds(proc.pid)
         redis_before = cpu_seconds(bench.proc.pid)
-        started = time.perf_counter()
-        publish_seconds = blast_publish(bench.port, packed)
-        wait_for(lambda: bench.client.exists("bench-end") == 1, 600, "kv_updater")
-        elapsed = time.perf_counter() - started
+        with PeakOutputBuffer(bench.port) as buffer:
+            started = time.perf_counter()
+            publish_seconds = blast_publish(bench.port, packed)
+            polls = itertools.count()
+
+            def ended() -> bool:
+                # A dropped subscriber lost the rest of the burst (bench-end too):
+                # the run ends there, failed, instead of waiting for the timeout.
+                if bench.client.exists("bench-end"):
+                    return True
+                return next(polls) % 100 == 99 and dropped(metrics_port)
+
+            wait_for(ended, 600, "kv_updater")
+            elapsed = time.perf_counter() - started
 
         def settled() -> bool:
             # The last batch's counters move just after Redis has its commit.
@@ -157,7 +201,8 @@ def run_project(
             )
             return done >= len(messages)
 
-        wait_for(settled, 10, "the updater's counters", 0.01)
+        if not dropped(metrics_port):
+            wait_for(settled, 10, "the updater's counters", 0.01)
         stats = {
             "publish_seconds": publish_seconds,
             "updater_cpu": cpu_seconds(proc.pid) - cpu_before,
@@ -168,6 +213,8 @@ def run_project(
             "validation_failures": scrape(metrics_port, "kvupdater_validation_failures_total"),
             "reconnects": scrape(metrics_port, "kvupdater_reconnects_total"),
             "batches": scrape(metrics_port, "kvupdater_batch_size_count"),
+            "peak_buffer_mb": buffer.peak / 2**20,
+            "peak_rss_mb": peak_rss_mb(proc.pid),
         }
         return elapsed, stats
     finally:
@@ -242,7 +289,9 @@ def main() -> None:
                 f"{stats['committed']:,.0f}, superseded in batch {stats['superseded']:,.0f}, "
                 f"validated keys {stats['validated']:,.0f}, validation failures "
                 f"{stats['validation_failures']:,.0f}, reconnects {stats['reconnects']:,.0f}, "
-                f"keys not at their last value {bad}"
+                f"keys not at their last value {bad}, peak Redis output buffer for the "
+                f"subscriber {stats['peak_buffer_mb']:.1f} MB (limit 32 MB), peak RSS of "
+                f"the updater {stats['peak_rss_mb']:.0f} MB"
             )
             failed |= bool(bad or stats["reconnects"] or stats["validation_failures"])
         median = statistics.median(rates)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -420,3 +421,37 @@ def test_type_json_spells_only_allowed_types_and_matches_what_parse_stores() -> 
     parsed = rules.parse(b'{"type":"sensor:1","updated":"2023-10-01T12:00:00Z","values":{}}')
     assert isinstance(parsed, Accepted)
     assert parsed.type_json is spelled  # one cache, shared with parse
+
+
+def test_remembered_type_names_cost_their_size_not_orjsons_buffer() -> None:
+    """Regression: orjson (3.12+) returns a 4 KiB buffer for any short output, and the
+    type cache kept it: 100,000 distinct types held 400 MB (the updater reached
+    690 MB in a 1,000,000-key burst; every api_server process caches them too)."""
+    rules = MessageRules()
+    raws = [doc(type=f"sensor-{i:05d}") for i in range(2000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [rules.parse(raw) for raw in raws]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert all(isinstance(m, Accepted) for m in kept)
+    # Each message's own objects and its cache entry: a few hundred bytes, not 4 KiB.
+    assert grown / len(raws) < 1500, f"{grown / len(raws):.0f} B per message"
+
+
+def test_stored_values_are_allocated_at_their_size() -> None:
+    """Regression: the same 4 KiB buffer for each stored value of a batch (40 MB for a
+    batch of 10,000, held until its commit is checked)."""
+    parsed = MessageRules().parse(doc(values={"t": 21.5}))
+    assert isinstance(parsed, Accepted)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        stored = [parsed.stored for _ in range(1000)]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert stored[0] == b'{"updated":"2023-10-01T12:00:00Z","valid":null,"values":{"t":21.5}}'
+    assert grown / len(stored) < 200, f"{grown / len(stored):.0f} B per stored value"
