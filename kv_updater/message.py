@@ -70,15 +70,20 @@ class Accepted(NamedTuple):
         )
 
 
+_join = b"".join
+
+
 def _exact(data: bytes) -> bytes:
     """``data`` in an allocation of its own size.
 
     orjson (3.12 and later) hands back its working buffer, 4 KiB for any short
     output: the cache of up to 100,000 type names held 400 MB that way, and a
     batch's stored values 40 MB, for a few dozen bytes each (a 1,000,000-key burst
-    took the updater to 690 MB).  A copy of a short value costs ~0.1 us.
+    took the updater to 690 MB).  A two-item join copies (a one-item join returns
+    the item itself) and is the cheapest copy: ~40 ns, where bytes(memoryview())
+    costs ~120 ns.
     """
-    return bytes(memoryview(data))
+    return _join((data, b""))
 
 
 # NamedTuple's generated __new__ is Python code; the tuple constructor is not.
