@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from common import free_port, start_service, wait_for
+from common import free_port, rss_of, start_service, wait_for
 
 from kv_updater.commit import Committer
 from kv_updater.keys import KeyLayout
@@ -31,15 +31,6 @@ def raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def rss_of(pid: int) -> int:
-    """Resident memory of a process, bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def accepted(type_: str, n: int, pad: int = 0) -> Accepted:

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 
 import uvloop
-from api_common import ApiProcess, ClientFleet, Writer, raise_nofile, rss_of, until
-from common import BenchRedis, machine
+from api_common import ApiProcess, ClientFleet, Writer, raise_nofile, until
+from common import BenchRedis, machine, rss_of
 
 KEYS = 1_000
 TYPES = [f"sensor-{i:05d}" for i in range(KEYS)]

@@ -39,7 +39,7 @@ from common import (
     machine,
     make_messages,
     pack_publishes,
-    peak_rss_mb,
+    rss_of,
     start_service,
     wait_for,
 )
@@ -214,7 +214,7 @@ def run_project(
             "reconnects": scrape(metrics_port, "kvupdater_reconnects_total"),
             "batches": scrape(metrics_port, "kvupdater_batch_size_count"),
             "peak_buffer_mb": buffer.peak / 2**20,
-            "peak_rss_mb": peak_rss_mb(proc.pid),
+            "peak_rss_mb": rss_of(proc.pid, "VmHWM") / 2**20,
         }
         return elapsed, stats
     finally:

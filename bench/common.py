@@ -81,15 +81,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The most resident memory a process has had (VmHWM, Linux /proc), in MiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+def rss_of(pid: int, field: str = "VmRSS") -> int:
+    """Memory of a process from /proc (Linux), bytes: ``VmRSS`` resident now,
+    ``VmHWM`` the most it has been resident."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 class BenchRedis:

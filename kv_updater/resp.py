@@ -238,10 +238,7 @@ class RespLink:
             raise proto.lost
         if transport.is_closing():
             raise RedisConnectionError("connection to Redis closed before the request")
-        try:
-            transport.write(packed)
-        except RuntimeError as exc:  # closed under us all the same (uvloop's handle check)
-            raise RedisConnectionError(f"connection to Redis closed: {exc}") from exc
+        transport.write(packed)
         if len(proto.replies) < count and proto.lost is None:
             proto.waiter = asyncio.get_running_loop().create_future()
             try:

@@ -88,7 +88,7 @@ class KVUpdater:
     async def persist_data(self, message: bytes | str) -> BatchOutcome | Rejected:
         """Parse one message and commit it; returns the outcome or the rejection."""
         raw = message.encode() if isinstance(message, str) else message
-        accepted, rejected = self._parse([raw])
+        accepted, rejected = await self._parse([raw])
         outcome = await self._commit(accepted, rejected)
         return rejected[0][0] if rejected else outcome
 
@@ -212,7 +212,7 @@ class KVUpdater:
                 self.metrics.backlog_bytes.set(sub.backlog_bytes)
                 if not payloads:
                     continue
-                accepted, rejected = await self._parse_draining(payloads)
+                accepted, rejected = await self._parse(payloads)
                 if in_flight is not None:
                     try:
                         await in_flight
@@ -243,42 +243,31 @@ class KVUpdater:
             self._carry[0].extend(accepted)
             self._carry[1].extend(rejected)
 
-    async def _parse_draining(
+    async def _parse(
         self, payloads: list[bytes]
     ) -> tuple[list[Accepted], list[tuple[Rejected, bytes]]]:
-        """``_parse``, handing the event loop a turn every ``DRAIN_EVERY`` messages.
+        """Validate ``payloads``, handing the event loop a turn every ``DRAIN_EVERY``.
 
-        The subscription's socket is only read between loop turns.  A batch takes
-        up to ~120 ms to parse (10,000 messages of distinct keys); a burst published
-        meanwhile piles up in Redis's output buffer for the subscriber, and past its
-        client-output-buffer-limit (32 MB by default) Redis drops the subscriber and
-        the rest of the burst is lost.  One turn reads up to megabytes (libuv reads
-        until the socket is empty, 32 reads of 256 KiB at most), so a turn every
-        ~10 ms keeps the burst in our memory instead of Redis's.
+        The subscription's socket is only read between loop turns, and 10,000
+        messages of distinct keys take ~100 ms to parse.  A burst published
+        meanwhile piled up in Redis's output buffer for the subscriber until, past
+        its client-output-buffer-limit (32 MB by default), Redis dropped the
+        subscriber and the rest of the burst was lost.  One turn reads whatever the
+        socket holds, so the burst waits in our memory instead.
         """
-        if len(payloads) <= DRAIN_EVERY:
-            return self._parse(payloads)
+        parse = self.rules.parse
         accepted: list[Accepted] = []
         rejected: list[tuple[Rejected, bytes]] = []
         for start in range(0, len(payloads), DRAIN_EVERY):
             if start:
                 await asyncio.sleep(0)
-            more_accepted, more_rejected = self._parse(payloads[start : start + DRAIN_EVERY])
-            accepted += more_accepted
-            rejected += more_rejected
-        return accepted, rejected
-
-    def _parse(self, payloads: list[bytes]) -> tuple[list[Accepted], list[tuple[Rejected, bytes]]]:
-        parse = self.rules.parse
-        accepted: list[Accepted] = []
-        rejected: list[tuple[Rejected, bytes]] = []
-        for raw in payloads:
-            result = parse(raw)
-            if type(result) is Accepted:
-                accepted.append(result)
-            else:
-                assert isinstance(result, Rejected)
-                rejected.append((result, raw))
+            for raw in payloads[start : start + DRAIN_EVERY]:
+                result = parse(raw)
+                if type(result) is Accepted:
+                    accepted.append(result)
+                else:
+                    assert isinstance(result, Rejected)
+                    rejected.append((result, raw))
         self.metrics.received.inc(len(payloads))
         if rejected:
             self._count_rejections(rejected)
